@@ -37,9 +37,13 @@ def bernstein_lower(z_hat_A, S2_A, n, alpha):
     return z_hat_A - math.sqrt(2 * S2_A * log_term / n) - 7 * log_term / (3 * (n - 1))
 
 
-def radius(p_A_low, sigma):
-    """Theorem 1 / Eq. 20 with p_B <= 1 - p_A: R = sigma * PhiInv(p_A_low); None means abstain."""
-    return sigma * float(norm.ppf(p_A_low)) if p_A_low > 0.5 else None
+def radius(p_A_low, sigma, p_B_up=None):
+    """Theorem 1 (Eq. 8; Eq. 16 for Soft-RS): R = sigma/2 * (PhiInv(p_A_low) - PhiInv(p_B_up)).
+    Without p_B_up, p_B_up = 1 - p_A_low (Cohen et al.; Eq. 20) and R = sigma * PhiInv(p_A_low).
+    None means abstain: the bounds do not separate class A from the rest."""
+    if p_B_up is None:
+        return sigma * float(norm.ppf(p_A_low)) if p_A_low > 0.5 else None
+    return sigma / 2 * float(norm.ppf(p_A_low) - norm.ppf(p_B_up)) if p_A_low > p_B_up else None
 
 
 # ---------------------------------------------------------------- the smoothed classifier

@@ -65,24 +65,33 @@ def macer_loss(logits, targets, sigma, lbd, gamma, beta):
 
     # Line 5 again with inverse temperature beta, for the robustness term only (Section 5.3).
     z_hat = F.softmax(beta * logits, dim=2).mean(dim=1)  # (n, K)
-    top2 = z_hat.topk(2, dim=1)
-    in_G = top2.indices[:, 0] == targets  # line 6: y_i = argmax_c z_hat^c(x_i)
-    z_y, z_y_hat = top2.values[:, 0], top2.values[:, 1]  # line 7: y_hat_i is the runner-up
+    z_y = z_hat.gather(1, targets[:, None]).squeeze(1)  # (n, 1) -> (n,)
+    is_y = F.one_hot(targets, K).bool()
+    z_y_hat = z_hat.masked_fill(is_y, -1.0).max(dim=1).values  # line 7: max over c != y_i
+    in_G = z_y >= z_y_hat  # line 6: y_i = argmax_c z_hat^c(x_i) (a tie counts as in G)
 
-    # Line 8: xi_hat = PhiInv(z^y) - PhiInv(z^y_hat), only where PhiInv's argument lies strictly
-    # inside (0, 1). A first, gradient-free pass finds the hinge region 0 <= ... xi < gamma;
-    # the second pass runs PhiInv with gradients on those inputs alone. Outside it PhiInv'(p)
-    # can overflow to inf, and 0 * inf would be NaN in the backward pass.
-    finite = in_G & (z_y < 1) & (z_y_hat > 0)
+    hinge = robust_hinge(z_y, z_y_hat, in_G, gamma)  # line 8 and the hinge, (n,)
+    # Line 9: both terms are divided by n, the whole batch, not by |G|.
+    loss_rob = lbd * sigma / 2 * hinge.sum() / n
+    return loss_cls + loss_rob, loss_cls, loss_rob
+
+
+def robust_hinge(z_y, z_y_hat, in_G, gamma):
+    """Algorithm 1, line 8, and the hinge of Eq. 17: max(gamma - xi_hat, 0) for inputs in G, else 0,
+    with xi_hat = PhiInv(z_y) - PhiInv(z_y_hat). All arguments are (n,) tensors.
+
+    PhiInv runs only where its argument lies strictly inside (0, 1): a saturated input has
+    xi_hat = +inf and no hinge anyway. A first, gradient-free pass finds the hinge region
+    xi_hat < gamma; the second runs PhiInv with gradients on those inputs alone, the rest seeing a
+    harmless 0.5. Outside the region PhiInv'(p) = 1 / phi(PhiInv(p)) can overflow to inf, and
+    0 * inf would put NaN into the backward pass; inside it Proposition 1 bounds PhiInv'.
+    """
     half = torch.full_like(z_y, 0.5)
+    finite = in_G & (z_y < 1) & (z_y_hat > 0)
     with torch.no_grad():
         xi_hat = torch.special.ndtri(torch.where(finite, z_y, half)) - torch.special.ndtri(
             torch.where(finite, z_y_hat, half))
         active = finite & (xi_hat < gamma)
     xi_hat = torch.special.ndtri(torch.where(active, z_y, half)) - torch.special.ndtri(
         torch.where(active, z_y_hat, half))
-    hinge = torch.where(active, gamma - xi_hat, torch.zeros_like(xi_hat))  # max(gamma - xi, 0)
-
-    # Line 9: both terms are divided by n, the whole batch, not by |G|.
-    loss_rob = lbd * sigma / 2 * hinge.sum() / n
-    return loss_cls + loss_rob, loss_cls, loss_rob
+    return torch.where(active, gamma - xi_hat, torch.zeros_like(xi_hat))

@@ -87,7 +87,7 @@ def parse_config(argv=None):
     if args.method == "cohen":
         cfg.update(k=1, lbd=0.0, dynamic_lbd=False)
     cfg.update({key: v for key, v in vars(args).items() if v is not None})
-    cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", f"{cfg['dataset']}_{cfg['method']}_s{cfg['sigma']}")
+    cfg["out_dir"] = cfg.get("out_dir") or os.path.join("runs", f"{cfg['dataset']}_{cfg['method']}_s{cfg['sigma']}")
     cfg["normalize"] = True
     for key in ("dynamic_lbd", "augment"):
         cfg[key] = bool(cfg[key])
@@ -342,7 +342,8 @@ def main(argv=None):
         if (epoch + 1) % cfg["save_every"] == 0 or epoch + 1 == cfg["epochs"]:
             rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
             if ddp:  # every rank's RNG state, so that a resumed DDP run draws the same noise
-                dist.all_gather_object(rng := [None] * world, rng[0])
+                mine, rng = rng[0], [None] * world
+                dist.all_gather_object(rng, mine)
             if rank == 0:
                 save_atomic(dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                  epoch=epoch + 1, rng=rng, config=cfg, train_seconds=time.time() - t_run), ckpt_path)
