@@ -234,7 +234,9 @@ def main(argv=None):
     p.add_argument("--name", help="the run's name in --summary (default: the checkpoint's folder)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
 
     import models, train  # the networks and the data; imported here so the library needs neither
     if not 0 < a.alpha < 1:
