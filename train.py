@@ -223,7 +223,8 @@ def batches(data, cfg, epoch, device, rank, world):
             x = data.x[idx].float() / 255
             yield (crop_flip(x) if cfg["augment"] else x), data.y[idx]
     else:
-        data.sampler.set_epoch(epoch) if hasattr(data.sampler, "set_epoch") else None
+        if hasattr(data.sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
+            data.sampler.set_epoch(epoch)
         for x, y in data:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -327,7 +328,8 @@ def main(argv=None):
             opt.step()
             with torch.no_grad():  # accuracy of the smoothed (beta = 1) prediction on this batch
                 correct = (logits.float().softmax(-1).mean(1).argmax(-1) == y).sum()
-                stats += torch.stack([loss_cls.detach() * n, loss_rob.detach() * n, correct, torch.tensor(n, device=device)])
+                stats += torch.stack([loss_cls.detach() * n, loss_rob.detach() * n, correct.float(),
+                                      torch.full_like(loss_cls, n)])  # a fill, not a host-to-device copy
             if (step + 1) % cfg["log_every"] == 0:  # the only host sync inside an epoch
                 s = stats.tolist()
                 log(f"  step {step + 1:>6}  loss_cls {s[0] / s[3]:.4f}  loss_rob {s[1] / s[3]:.4f}  acc {s[2] / s[3]:.4f}"
