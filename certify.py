@@ -177,7 +177,8 @@ def certify_dataset(smooth, dataset, indices, out, n0, n, alpha, batch_size, bou
             prediction, R = smooth.certify(x, n0, n, alpha, batch_size, bound)
             dt = time.time() - t0
             correct = int(prediction == int(label))
-            f.write(f"{i}\t{int(label)}\t{prediction}\t{R:.4}\t{correct}\t{dt:.3f}\n")
+            R_floor = math.floor(R * 1e5) / 1e5  # rounded down: a written radius never overclaims
+            f.write(f"{i}\t{int(label)}\t{prediction}\t{R_floor:.5f}\t{correct}\t{dt:.3f}\n")
             f.flush()
             eta = (time.time() - t_start) / (j + 1) * (len(todo) - j - 1)
             log(f"[{j + 1:>4}/{len(todo)}] idx {i:>5}  label {int(label)}  predict {prediction:>2}  "
