@@ -252,6 +252,8 @@ def main(argv=None):
         sys.exit("error: --alpha must lie strictly between 0 and 1.")
     if a.n0 < 1 or a.n < 1 or (a.batch or 1) < 1 or a.skip < 1 or a.max < 1:
         sys.exit("error: --n0, --n, --batch, --skip and --max must be at least 1.")
+    if (a.sigma is not None and a.sigma <= 0) or (a.beta is not None and a.beta <= 0):
+        sys.exit("error: --sigma and --beta must be > 0.")
     model, cfg = models.load_checkpoint(a.checkpoint, dataset=a.dataset, arch=a.arch,
                                         normalize=False if a.no_normalize else None)
     sigma = a.sigma if a.sigma is not None else cfg.get("sigma")

@@ -171,8 +171,10 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
     for key, value in (("dataset", dataset), ("arch", arch), ("normalize", normalize)):
         if value is not None:
             cfg[key] = value
-    if cfg.get("dataset") not in NUM_CLASSES:
+    if cfg.get("dataset") is None:
         sys.exit(f"error: the checkpoint does not say its dataset; pass --dataset (one of {', '.join(NUM_CLASSES)}).")
+    if cfg["dataset"] not in NUM_CLASSES:
+        sys.exit(f"error: unknown dataset {cfg['dataset']!r}; choose one of {', '.join(NUM_CLASSES)}.")
     cfg.setdefault("arch", DEFAULT_ARCH[cfg["dataset"]])
     cfg.setdefault("normalize", True)
     try:

@@ -517,6 +517,9 @@ def test_certify_rejects_bad_input(lenet_ckpt, tiny_fmnist, tmp_path, capsys):
     assert "--n0" in one_line_error(certify.main, base + ["--n", "0"], capsys)
     assert "--n0" in one_line_error(certify.main, base + ["--n0", "0"], capsys)
     assert "does not fit" in one_line_error(certify.main, base + ["--dataset", "cifar10"], capsys)
+    assert "unknown dataset" in one_line_error(certify.main, base + ["--dataset", "cifar100"], capsys)
+    assert "--sigma" in one_line_error(certify.main, base + ["--sigma", "0"], capsys)
+    assert "--beta" in one_line_error(certify.main, base + ["--beta", "-1"], capsys)
     sd = torch.load(lenet_ckpt, weights_only=True)
     sd["model"]["fc2.weight"], sd["model"]["fc2.bias"] = torch.zeros(5, 500), torch.zeros(5)  # 5 classes
     torch.save(sd, tmp_path / "k5.pt")
