@@ -540,3 +540,19 @@ def test_checkpoint_loading_never_runs_code(tmp_path, capsys):
     torch.save({"model": Evil(), "config": {}}, tmp_path / "evil.pt")
     one_line_error(certify.main, [str(tmp_path / "evil.pt")], capsys)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_crop_flip_is_a_padded_window_per_image():
+    """train.crop_flip against a naive search: each output is one of the 9 x 9 zero-padded
+    windows of its input, flipped or not, and all offsets and both flips occur."""
+    torch.manual_seed(0)
+    x = torch.rand(200, 3, 8, 8)
+    out = train.crop_flip(x)
+    x_pad = F.pad(x, (4, 4, 4, 4))
+    seen = set()
+    for i in range(len(x)):
+        matches = [(di, dj, f) for di in range(9) for dj in range(9) for f in (0, 1)
+                   if torch.equal(out[i], (lambda w: w.flip(2) if f else w)(x_pad[i, :, di:di + 8, dj:dj + 8]))]
+        assert matches, f"image {i} is no padded window of its input"
+        seen.update(matches)
+    assert {f for _, _, f in seen} == {0, 1} and len({(di, dj) for di, dj, _ in seen}) > 60
