@@ -273,7 +273,8 @@ def main(argv=None):
     summary = certify_dataset(smooth, test_set, indices, out, a.n0, a.n, a.alpha, batch, a.bound)
     table = format_table(summary, f"{cfg['dataset']} s={sigma}")
     print(table)
-    print(f"max certifiable radius at this n: {sigma * norm.ppf(a.alpha ** (1 / a.n)):.3f}")
+    if a.bound == "clopper-pearson":  # the radius when all n samples agree
+        print(f"max certifiable radius at this n: {sigma * norm.ppf(a.alpha ** (1 / a.n)):.3f}")
     with open(os.path.splitext(out)[0] + "_table.txt", "w") as f:
         f.write(table + "\n")
     curves = [(out, f"{cfg['dataset']} s={sigma} {a.bound}")]
