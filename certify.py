@@ -8,6 +8,7 @@ As a library:   Smooth(model, num_classes=10, sigma=0.25).certify(x, n0=100, n=1
 As a tool:      python certify.py CHECKPOINT [--n 100000] [--bound bernstein] [--out results.tsv]
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -295,7 +296,6 @@ def main(argv=None):
 
 def add_to_summary(path, run):
     """Insert or replace (by name) one run in the JSON file {"runs": [...]}, written atomically."""
-    import json
     runs = json.load(open(path))["runs"] if os.path.exists(path) else []
     runs = [r for r in runs if r["name"] != run["name"]] + [run]
     with open(path + ".tmp", "w") as f:
