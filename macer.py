@@ -6,7 +6,8 @@ The loss of Eq. 17 / Algorithm 1 on a batch of n inputs, each seen through k Gau
         + (lambda * sigma / (2n)) sum_{i in G} max(gamma - xi_hat_i, 0)     (robustness, beta > 0)
 
     z_hat(x_i)  = (1/k) sum_j softmax(beta * u(x_i + eta_ij)),   eta_ij ~ N(0, sigma^2 I)
-    G           = {i : argmax_c z_hat^c(x_i) = y_i}
+                  (with beta = 1 in the classification term)
+    G           = {i : argmax_c z_hat^c(x_i) = y_i}          (a tie for the top counts as in G)
     y_hat_i     = argmax_{c != y_i} z_hat^c(x_i)
     xi_hat_i    = PhiInv(z_hat^{y_i}(x_i)) - PhiInv(z_hat^{y_hat_i}(x_i))
 

@@ -27,3 +27,9 @@ run() { echo "+ $*"; "$@"; }
 wait
 # Every row is in the TSVs now: this samples nothing, it only rewrites the summary entry and draws the plot.
 python certify.py results/macer_s0.25/checkpoint.pt $CERT --plot
+# The cap check: 50 of the same images (every 200th) at n = 100,000 for both sigma = 0.25 models.
+for m in cohen macer; do
+  python certify.py results/${m}_s0.25/checkpoint.pt --n 100000 --skip 200 --max 50 --seed 0 \
+    --out results/${m}_s0.25/subset50_clopper-pearson_n100000.tsv &
+done
+wait
