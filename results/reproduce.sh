@@ -4,7 +4,7 @@
 #   norm clipped at 5 for both methods). MACER: k = 16, lambda = 16, gamma = 8, beta = 16.
 # - Certification: the same 500 test images (every 20th), Hard-RS with n0 = 100, n = 10,000,
 #   alpha = 0.001; Soft-RS (empirical Bernstein, beta = 16) for MACER at sigma 0.25.
-# Two pipelines run side by side with one CPU thread each (the machine has 2 cores); about 2 hours.
+# Two pipelines run side by side with one CPU thread each (the machine has 2 cores); about 2.5 hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
