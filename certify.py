@@ -144,6 +144,16 @@ def format_table(summary, title=""):
     return f"certified accuracy at radius r, over {summary['n']} inputs\n{head}\n{row}"
 
 
+def save_table(summary, tsv_path, title=""):
+    """Write format_table's text beside the TSV (as <name>_table.txt, atomically) and return it."""
+    table = format_table(summary, title)
+    path = os.path.splitext(tsv_path)[0] + "_table.txt"
+    with open(path + ".tmp", "w") as f:
+        f.write(table + "\n")
+    os.replace(path + ".tmp", path)
+    return table
+
+
 TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 
 
@@ -272,12 +282,9 @@ def main(argv=None):
     smooth = Smooth(model, models.NUM_CLASSES[cfg["dataset"]], sigma, beta, amp=not a.fp32)
     batch = a.batch or default_batch(cfg["dataset"], a.device)
     summary = certify_dataset(smooth, test_set, indices, out, a.n0, a.n, a.alpha, batch, a.bound)
-    table = format_table(summary, f"{cfg['dataset']} s={sigma}")
-    print(table)
+    print(save_table(summary, out, f"{cfg['dataset']} s={sigma}"))
     if a.bound == "clopper-pearson":  # the radius when all n samples agree
         print(f"max certifiable radius at this n: {sigma * norm.ppf(a.alpha ** (1 / a.n)):.3f}")
-    with open(os.path.splitext(out)[0] + "_table.txt", "w") as f:
-        f.write(table + "\n")
     curves = [(out, f"{cfg['dataset']} s={sigma} {a.bound}")]
     if a.summary:
         runs = add_to_summary(a.summary, dict(

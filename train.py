@@ -25,8 +25,9 @@ from macer import macer_loss, noisy_copies
 
 # The paper's recipes (Section 5.1, Appendix C). SGD with momentum 0.9, weight decay 5e-4 and
 # batch 64 come from the authors' code. lbd maps sigma -> lambda; dynamic_lbd lists the sigmas
-# where lambda = 0 until the first lr decay (footnote 5). Fashion-MNIST is not in the paper: it is this project's quick,
-# offline first run (MNIST's loss settings, a budget that fits 10 minutes on 2 CPU cores).
+# where lambda = 0 until the first lr decay (footnote 5). Fashion-MNIST is not in the paper: it is
+# this project's quick, offline first run (MNIST's loss settings, a budget that fits 10 minutes on
+# 2 CPU cores).
 RECIPES = {
     "cifar10": dict(epochs=440, lr=0.01, milestones=[200, 400], k=16, lbd={0.25: 12, 0.5: 4, 1.0: 12},
                     dynamic_lbd=[1.0], gamma=8, beta=16, augment=True, grad_clip=0),
@@ -365,10 +366,7 @@ def main(argv=None):
     summary = certify.certify_dataset(smooth, test_set, indices, tsv, cfg["cert_n0"], cfg["cert_n"], cfg["cert_alpha"],
                                       cfg["cert_batch"] or certify.default_batch(cfg["dataset"], device),
                                       "clopper-pearson", log=log)
-    table = certify.format_table(summary, f"{cfg['method']} s={cfg['sigma']}")
-    with open(os.path.join(cfg["out_dir"], "certify_table.txt"), "w") as f:
-        f.write(table + "\n")
-    log(table)
+    log(certify.save_table(summary, tsv, f"{cfg['method']} s={cfg['sigma']}"))  # also certify_table.txt
     log(json.dumps({"acr": round(summary["acr"], 4), "train_seconds": round(train_seconds, 1)}))
 
 
