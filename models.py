@@ -5,26 +5,15 @@ each model normalises them (per-channel mean and std) as its first step. The sta
 non-persistent buffers, so the state dicts carry exactly the parameter names of the MACER authors'
 released LeNet and ResNet-110, and of torchvision's ResNet-50.
 """
+import functools
 import re
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "svhn": 10, "imagenet": 1000}
-INPUT_SHAPE = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32),
-               "svhn": (3, 32, 32), "imagenet": (3, 224, 224)}
-STATS = {  # per-channel (mean, std) of each training set; CIFAR-10's are Cohen et al.'s
-    "mnist": ([0.1307], [0.3081]),
-    "fashion-mnist": ([0.2860], [0.3530]),
-    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
-    "svhn": ([0.4377, 0.4438, 0.4728], [0.1980, 0.2010, 0.1970]),
-    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-}
-DEFAULT_ARCH = {"mnist": "lenet", "fashion-mnist": "lenet", "cifar10": "resnet110", "svhn": "resnet110",
-                "imagenet": "resnet50"}
+from data import DATASETS, dataset_facts
 
 
 class Normalize(nn.Module):
@@ -114,27 +103,52 @@ class ResNet50(torchvision.models.ResNet):
 
 def check_arch(dataset, arch):
     """Raise ValueError unless `arch` is a network this project builds for `dataset`."""
-    if dataset not in NUM_CLASSES:
-        raise ValueError(f"unknown dataset {dataset!r}: choose one of {', '.join(NUM_CLASSES)}")
+    facts = dataset_facts(dataset)
     m = re.fullmatch(r"resnet(\d+)", arch or "")
-    ok = {"mnist": arch == "lenet", "fashion-mnist": arch == "lenet", "imagenet": arch == "resnet50",
-          "cifar10": bool(m) and (int(m.group(1)) - 2) % 6 == 0, "svhn": bool(m) and (int(m.group(1)) - 2) % 6 == 0}
-    if not ok[dataset]:
-        raise ValueError(f"architecture {arch!r} does not fit {dataset}: use {DEFAULT_ARCH[dataset]}"
-                         + (" or another resnet of depth 6n + 2" if dataset in ("cifar10", "svhn") else ""))
+    cifar_like = facts.shape[1:] == (32, 32)
+    if not (arch == facts.arch or (cifar_like and m and (int(m.group(1)) - 2) % 6 == 0)):
+        raise ValueError(f"architecture {arch!r} does not fit {dataset}: use {facts.arch}"
+                         + (" or another resnet of depth 6n + 2" if cifar_like else ""))
 
 
 def get_model(dataset, normalize=True, arch=None):
     """The paper's network for `dataset`; arch overrides it ("resnet20", "resnet56", ...)."""
-    arch = arch or DEFAULT_ARCH.get(dataset)
+    facts = dataset_facts(dataset)
+    arch = arch or facts.arch
     check_arch(dataset, arch)
-    norm = Normalize(*STATS[dataset]) if normalize else nn.Identity()
-    K = NUM_CLASSES[dataset]
+    norm = Normalize(facts.mean, facts.std) if normalize else nn.Identity()
     if arch == "lenet":
-        return LeNet(norm, K)
-    if arch == "resnet50" and dataset == "imagenet":
-        return ResNet50(norm, K)
-    return CifarResNet(int(arch[len("resnet"):]), norm, K)
+        return LeNet(norm, facts.classes)
+    if arch == "resnet50" and facts.arch == "resnet50":
+        return ResNet50(norm, facts.classes)
+    return CifarResNet(int(arch[len("resnet"):]), norm, facts.classes)
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16(device_type):
+    """Whether this machine's `device_type` ("cuda" or "cpu") runs bf16 matrix products natively:
+    a CUDA GPU with bf16 support, or a CPU with AVX-512 BF16 or AMX instructions (Linux reports
+    them in /proc/cpuinfo). Elsewhere bf16 is emulated, and slower than fp32."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(f.read().split())
+        except OSError:
+            return False
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def fast_path(model, device, fp32=False):
+    """The fast path where the device has native bf16 (unless fp32): the model in channels_last,
+    and an autocast context for its forward passes. Returns (model, autocast, precision name)."""
+    device = torch.device(device)
+    fast = not fp32 and native_bf16(device.type)
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.autocast(device.type, torch.bfloat16, enabled=fast), "bf16" if fast else "fp32"
 
 
 def strip_prefix(state_dict):
@@ -143,45 +157,45 @@ def strip_prefix(state_dict):
 
 
 def load_checkpoint(path, dataset=None, arch=None, normalize=None):
-    """Load this project's checkpoint, the MACER authors' ({'net', 'epoch'}) or Cohen et al.'s
-    ({'arch', 'state_dict'}). Returns (model, config). Flags fill in what a checkpoint lacks; a user
-    mistake ends the program with one sentence. weights_only=True: a checkpoint never runs code."""
+    """Load this project's checkpoint, the MACER authors' ({'net', 'epoch'}; they feed the network
+    unnormalised [0, 1] inputs) or Cohen et al.'s ({'arch', 'state_dict'}; their normalisation is
+    layer 0, inside the model, as here). Returns (model, config); arguments fill in what a
+    checkpoint lacks. weights_only=True: a checkpoint never runs code. A file that does not fit
+    raises ValueError with one sentence saying what to do."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        sys.exit(f"error: no checkpoint at {path}.")
+        raise ValueError(f"no checkpoint at {path}") from None
     except Exception as e:
-        sys.exit(f"error: {path} is not a readable PyTorch checkpoint ({type(e).__name__}); is the file complete?")
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); is the file complete?") from None
     if not isinstance(ckpt, dict):
-        sys.exit(f"error: {path} holds no state dict; pass a checkpoint saved by train.py, MACER or Cohen et al.")
+        raise ValueError(f"{path} holds no state dict; pass a checkpoint saved by train.py, MACER or Cohen et al.")
     cfg = {}
     if "model" in ckpt and "config" in ckpt:  # ours
         cfg, state = dict(ckpt["config"]), ckpt["model"]
         cfg.update(epochs_done=ckpt.get("epoch"), train_seconds=ckpt.get("train_seconds"))
-    elif "net" in ckpt:  # the MACER authors': trained on unnormalised [0, 1] inputs
+    elif "net" in ckpt:  # the MACER authors'
         cfg, state = {"normalize": False}, ckpt["net"]
-    elif "state_dict" in ckpt:  # Cohen et al.'s: normalisation was layer 0 of a Sequential
+    elif "state_dict" in ckpt:  # Cohen et al.'s: Sequential(NormalizeLayer, DataParallel(net))
         state, name = ckpt["state_dict"], str(ckpt.get("arch", ""))
         cfg = {"normalize": True, "arch": "resnet50" if name == "resnet50" else name.replace("cifar_", "")}
         cfg.update({"dataset": "imagenet"} if name == "resnet50" else {"dataset": "cifar10"} if "cifar" in name else {})
-    elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state = ckpt
     else:
-        sys.exit(f"error: {path} is not a checkpoint of train.py, MACER or Cohen et al.")
+        raise ValueError(f"{path} is not a checkpoint of train.py, MACER or Cohen et al.")
     for key, value in (("dataset", dataset), ("arch", arch), ("normalize", normalize)):
         if value is not None:
             cfg[key] = value
     if cfg.get("dataset") is None:
-        sys.exit(f"error: the checkpoint does not say its dataset; pass --dataset (one of {', '.join(NUM_CLASSES)}).")
-    if cfg["dataset"] not in NUM_CLASSES:
-        sys.exit(f"error: unknown dataset {cfg['dataset']!r}; choose one of {', '.join(NUM_CLASSES)}.")
-    cfg.setdefault("arch", DEFAULT_ARCH[cfg["dataset"]])
+        raise ValueError(f"the checkpoint does not say its dataset; pass --dataset (one of {', '.join(DATASETS)})")
+    cfg.setdefault("arch", dataset_facts(cfg["dataset"]).arch)
     cfg.setdefault("normalize", True)
+    model = get_model(cfg["dataset"], cfg["normalize"], cfg["arch"])
     try:
-        model = get_model(cfg["dataset"], cfg["normalize"], cfg["arch"])
         model.load_state_dict(strip_prefix(state))
-    except (ValueError, RuntimeError) as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0][:200]
-        sys.exit(f"error: {path} does not fit {cfg['arch']} for {cfg['dataset']} ({first}); "
-                 "pass the --dataset and --arch it was trained with.")
+        raise ValueError(f"{path} does not fit {cfg['arch']} for {cfg['dataset']} ({first}); "
+                         "pass the --dataset and --arch it was trained with") from None
     return model, cfg
