@@ -2,26 +2,29 @@
 
 1. Loss overhead: one MACER training step (n = 64 inputs x k = 16 Gaussian copies -> model ->
    macer_loss -> backward -> SGD) over one cross-entropy step on the same 1024 noisy images, same
-   model. LeNet (Fashion-MNIST shapes) and ResNet-110 (CIFAR-10 shapes; ResNet-20 with --quick on CPU).
-2. Certification throughput: noisy forward passes per second of certify.Smooth.certify against a
-   naive Cohen-style loop (batch 400, fp32, predictions counted one by one in Python), LeNet.
-3. GPU only: (a) a ResNet-110 MACER epoch on 50,000 CIFAR-size images, eager fp32 against the fast
-   path (bf16 autocast, channels_last, cudnn.benchmark, data on the GPU with crop_flip); (b) the
-   time to certify 500 CIFAR-size inputs at n = 100,000 (bf16). Both time a few steps or inputs
-   and extrapolate.
+   model, on the device's default path. LeNet and ResNet-110 (ResNet-20 with --quick on CPU).
+2. Training, fast path / fp32: train.train_one_epoch over the same 6,400 Fashion-MNIST-size
+   images (LeNet, MACER, k = 16), with the device's fast path (bf16 autocast and channels_last
+   where the device has native bf16) against --fp32.
+3. Certification: (a) certify.py's defaults (fast path, default batch) against fp32 at batch 1000,
+   LeNet, n = 20,000; (b) noisy samples/s at the default batch against the best of a grid, per
+   model; (c) Smooth.certify against a naive Cohen-style loop (fp32, one host copy per batch,
+   predictions counted in Python).
+4. Ceiling: the machine's matmul rate (2048 x 2048, fp32 and bf16) and the GFLOP/s that a LeNet
+   MACER training step achieves on the fast path, as a fraction of each.
+5. GPU only: (a) a ResNet-110 MACER epoch on 50,000 CIFAR-size images, eager fp32 against the fast
+   path with the data on the GPU; (b) the time to certify 500 CIFAR-size inputs at n = 100,000.
 
 A and B are timed alternately (A, B, A, B, ...) after a warm-up, so drift in the machine's speed
 reaches both alike and cancels in the ratio; each figure is a median.
 
     python bench.py --quick                       # CPU-sized: under 3 minutes on 2 cores
     python bench.py --json results/bench.json     # full sizes, on the GPU if there is one
-    python bench.py --compile                     # torch.compile the trained models (1 and 3a)
 """
 import argparse
 import copy
 import datetime
 import json
-import os
 import platform
 import statistics
 import time
@@ -29,15 +32,17 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import certify
+import data
 import models
+import train
 from macer import macer_loss, noisy_copies
-from train import crop_flip
 
 SIGMA, N, K = 0.25, 64, 16  # noise level; inputs per step; Gaussian copies per input
 LBD, GAMMA, BETA = 16.0, 8.0, 16.0  # the MNIST recipe's loss settings
-N0, ALPHA, CERT_BATCH = 100, 0.001, 1000  # certify.py's defaults
+N0, ALPHA = 100, 0.001
 STEPS_PER_EPOCH = 782  # ceil(50,000 / 64)
 
 
@@ -90,13 +95,12 @@ def train_step(model, opt, x, y, loss, fast, noise=None, targets=None):
 def loss_overhead(label, dataset, arch, device, repeats, iters, compile, note=""):
     """Seconds per MACER step (A) and per cross-entropy step (B), `iters` steps per timing."""
     torch.manual_seed(0)
-    fast = device.type == "cuda"  # train.py's default path on each device
-    torch.backends.cudnn.benchmark = fast
-    model = models.get_model(dataset, arch=arch).to(device)
-    model = model.to(memory_format=torch.channels_last) if fast else model
+    model, _, precision = models.fast_path(models.get_model(dataset, arch=arch).to(device), device)
+    fast = precision == "bf16"
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     net = torch.compile(model) if compile else model
-    x = torch.rand(N, *models.INPUT_SHAPE[dataset], device=device)
+    x = torch.rand(N, *data.DATASETS[dataset].shape, device=device)
     y = torch.randint(0, 10, (N,), device=device)
     # One noise draw for both steps: the same 1024 noisy images, and the ratio isolates the loss.
     noise = torch.randn(N * K, *x.shape[1:], device=device)
@@ -104,10 +108,71 @@ def loss_overhead(label, dataset, arch, device, repeats, iters, compile, note=""
     macer = lambda: [train_step(net, opt, x, y, "macer", fast, noise) for _ in range(iters)]
     ce = lambda: [train_step(net, opt, x, y, "ce", fast, noise, targets) for _ in range(iters)]
     t_macer, t_ce = compare(macer, ce, device, repeats)
-    return row(f"1. {label} step: MACER / CE", t_macer / iters, t_ce / iters, "s", "<= 1.05x", note=note)
+    return row(f"1. {label} step: MACER / CE", t_macer / iters, t_ce / iters, "s", "<= 1.05x", note=f"{precision}. {note}")
 
 
-# ---------------------------------------------------------------- 2. certification throughput
+# ---------------------------------------------------------------- 2. training, fast path / fp32
+def training(device, images, repeats):
+    """Seconds of train.train_one_epoch over the same `images` Fashion-MNIST-size inputs: the
+    fast path (A) against fp32 (B), each from the same initialisation."""
+    cfg = train.recipe("fashion-mnist", SIGMA, "macer")
+    g = torch.Generator().manual_seed(0)
+    images = data.TensorImages(torch.randint(0, 256, (images, 1, 28, 28), dtype=torch.uint8, generator=g).to(device),
+                               torch.randint(0, 10, (images,), generator=g).to(device))
+    init = models.get_model("fashion-mnist").to(device).state_dict()
+
+    def epoch(fp32, images=images):
+        model = models.get_model("fashion-mnist").to(device)
+        model.load_state_dict(init)
+        model, autocast, precision = models.fast_path(model, device, fp32)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        batches = data.batches(images, N, 0, 0, False, device)
+        return lambda: train.train_one_epoch(model, opt, batches, cfg, LBD, autocast, precision == "bf16", print)
+
+    warm = data.TensorImages(images.x[:4 * N], images.y[:4 * N])
+    for fp32 in (False, True):  # warm-up on a few steps: the full-size A and B alternate below
+        epoch(fp32, warm)()
+    times = [(clock(epoch(False), device), clock(epoch(True), device)) for _ in range(repeats)]
+    t_fast, t_fp32 = statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
+    precision = models.fast_path(torch.nn.Identity(), device)[2]
+    return row(f"2. LeNet training {len(images):,} images: {precision} / fp32", t_fast, t_fp32, "s", "<= 0.65x",
+               note=f"{len(images) / t_fast:.0f} against {len(images) / t_fp32:.0f} img/s")
+
+
+# ---------------------------------------------------------------- 3. certification
+@torch.inference_mode()
+def certification(device, n, repeats):
+    """3a: certify.py's defaults against fp32 at batch 1000 (its CPU default before the fast path)."""
+    torch.manual_seed(0)
+    model = models.get_model("fashion-mnist").to(device).eval()
+    x = torch.rand(1, 28, 28, device=device)
+    fast_model, _, precision = models.fast_path(copy.deepcopy(model), device)
+    fast = certify.Smooth(fast_model, 10, SIGMA, device=device, bf16=precision == "bf16")
+    fp32 = certify.Smooth(model, 10, SIGMA, device=device)
+    batch = certify.default_batch("lenet", device)
+    t_new, t_old = compare(lambda: fast.certify(x, N0, n, ALPHA, batch), lambda: fp32.certify(x, N0, n, ALPHA, 1000),
+                           device, repeats)
+    return row(f"3a. LeNet certify n={n:,}: default / fp32 b1000", t_new, t_old, "s", "<= 0.60x",
+               note=f"{precision}, batch {batch}")
+
+
+@torch.inference_mode()
+def batch_sweep(label, dataset, arch, device, n, grid):
+    """3b: noisy samples/s of the default certification batch (A) and of the best in `grid` (B)."""
+    torch.manual_seed(0)
+    model, _, precision = models.fast_path(models.get_model(dataset, arch=arch).to(device).eval(), device)
+    smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
+    x = torch.rand(*data.DATASETS[dataset].shape, device=device)
+    default = certify.default_batch(arch, device)
+    rate = {}
+    for b in sorted(set(grid) | {default}):
+        smooth.certify(x, 1, b, ALPHA, b)  # warm-up at this shape
+        rate[b] = (1 + n) / statistics.median(clock(lambda: smooth.certify(x, 1, n, ALPHA, b), device) for _ in range(3))
+    best = max(rate, key=rate.get)
+    return row(f"3b. {label} certify samples/s: default / best", rate[default], rate[best], "/s", "~1.0x",
+               note=f"{precision}; default {default}, best {best}; " + ", ".join(f"{b}: {r:,.0f}" for b, r in rate.items()))
+
+
 def naive_certify(model, x, n0, n, alpha, batch_size=400):
     """Cohen et al.'s CERTIFY as in locuslab/smoothing: fp32, x.repeat per batch, one host copy
     per batch and the predictions counted one by one in Python (_sample_noise, _count_arr)."""
@@ -124,27 +189,50 @@ def naive_certify(model, x, n0, n, alpha, batch_size=400):
 
 
 @torch.inference_mode()
-def certification(device, n, repeats):
+def against_naive(device, n, repeats):
+    """3c: Smooth.certify in fp32 at batch 400 against the naive loop at batch 400."""
     torch.manual_seed(0)
     model = models.get_model("fashion-mnist").to(device).eval()
-    x = torch.rand(models.INPUT_SHAPE["fashion-mnist"], device=device)
-    smooth = certify.Smooth(model, 10, SIGMA)  # bf16 autocast on CUDA, fp32 on CPU
-    t_smooth, t_naive = compare(lambda: smooth.certify(x, N0, n, ALPHA, CERT_BATCH),
+    x = torch.rand(1, 28, 28, device=device)
+    smooth = certify.Smooth(model, 10, SIGMA, device=device)
+    t_smooth, t_naive = compare(lambda: smooth.certify(x, N0, n, ALPHA, 400),
                                 lambda: naive_certify(model, x, N0, n, ALPHA), device, repeats)
-    passes = N0 + n
-    cuda = device.type == "cuda"
-    return row(f"2. LeNet certify n={n:,}: Smooth / naive", passes / t_smooth, passes / t_naive, "/s",
-               ">= 5x" if cuda else ">= 1.0x", note="Smooth in bf16, naive in fp32" if cuda else "")
+    return row(f"3c. LeNet certify n={n:,}: Smooth / naive", (N0 + n) / t_smooth, (N0 + n) / t_naive, "/s",
+               ">= 1.0x (CPU), >= 5x (GPU)", note="both fp32, batch 400")
 
 
-# ---------------------------------------------------------------- 3. GPU: epoch and certification
+# ---------------------------------------------------------------- 4. the machine's ceiling
+def matmul_rate(device, dtype, size=2048, repeats=5):
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    return 2 * size ** 3 / statistics.median(clock(lambda: a @ b, device) for _ in range(repeats))
+
+
+def ceiling(device, repeats):
+    """GFLOP/s of a LeNet MACER training step on the fast path, against the matmul rates."""
+    model, autocast, precision = models.fast_path(models.get_model("fashion-mnist").to(device), device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.rand(N, 1, 28, 28, device=device), torch.randint(0, 10, (N,), device=device)
+    step = lambda: train_step(model, opt, x, y, "macer", precision == "bf16")
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    seconds = statistics.median(clock(step, device) for _ in range(repeats))
+    achieved, fp32, bf16 = flops / seconds, matmul_rate(device, torch.float32), matmul_rate(device, torch.bfloat16)
+    return [row("4. matmul 2048: bf16 / fp32", bf16 / 1e9, fp32 / 1e9, "GFLOP/s", "-"),
+            row(f"4. LeNet MACER step ({precision}) / bf16 matmul", achieved / 1e9, bf16 / 1e9, "GFLOP/s", "-",
+                note=f"{flops / 1e9:.1f} GFLOP per step; {achieved / fp32:.2f} of the fp32 matmul rate")]
+
+
+# ---------------------------------------------------------------- 5. GPU: epoch and certification
 def epoch_time(device, arch, steps, repeats, compile):
     """A MACER epoch on 50,000 synthetic CIFAR-size images, extrapolated from `steps` steps. A:
     eager fp32, data on the host, augmented there and copied each step. B: the fast path."""
     torch.manual_seed(0)
-    data = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (50_000,))
-    data_dev, labels_dev = data.to(device), labels.to(device)
+    images_dev, labels_dev = images.to(device), labels.to(device)
     model_a = models.get_model("cifar10", arch=arch).to(device)
     model_b = copy.deepcopy(model_a).to(memory_format=torch.channels_last)
     opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -154,33 +242,34 @@ def epoch_time(device, arch, steps, repeats, compile):
     def eager_fp32():
         torch.backends.cudnn.benchmark = False
         for _ in range(steps):
-            idx = torch.randint(0, len(data), (N,))
-            x = crop_flip(data[idx].float() / 255).to(device)
+            idx = torch.randint(0, len(images), (N,))
+            x = data.crop_flip(images[idx].float() / 255).to(device)
             train_step(model_a, opt_a, x, labels[idx].to(device), "macer", fast=False)
 
     def fast():
         torch.backends.cudnn.benchmark = True  # autotuned in the warm-up call
         for _ in range(steps):
-            idx = torch.randint(0, len(data), (N,), device=device)
-            x = crop_flip(data_dev[idx].float() / 255)
+            idx = torch.randint(0, len(images), (N,), device=device)
+            x = data.crop_flip(images_dev[idx].float() / 255)
             train_step(net_b, opt_b, x, labels_dev[idx], "macer", fast=True)
 
     t_a, t_b = compare(eager_fp32, fast, device, repeats)
-    return row(f"3a. {arch} epoch: fp32 / fast", t_a / steps * STEPS_PER_EPOCH, t_b / steps * STEPS_PER_EPOCH,
+    return row(f"5a. {arch} epoch: fp32 / fast", t_a / steps * STEPS_PER_EPOCH, t_b / steps * STEPS_PER_EPOCH,
                "s", "B <= 15 s (H100)", note=f"{steps} steps timed x{repeats}, extrapolated to {STEPS_PER_EPOCH}")
 
 
 @torch.inference_mode()
 def certify_time(device, arch, n, inputs):
-    """The time to certify 500 CIFAR-size inputs with Smooth (bf16), from `inputs` of them."""
+    """The time to certify 500 CIFAR-size inputs with certify.py's defaults, from `inputs` of them."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
-    model = models.get_model("cifar10", arch=arch).to(device).eval().to(memory_format=torch.channels_last)
-    smooth = certify.Smooth(model, 10, SIGMA)
+    model, _, precision = models.fast_path(models.get_model("cifar10", arch=arch).to(device).eval(), device)
+    smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
+    batch = certify.default_batch(arch, device)
     xs = torch.rand(inputs, 3, 32, 32, device=device)
-    smooth.certify(xs[0], N0, CERT_BATCH * 10, ALPHA, CERT_BATCH)  # warm-up
-    seconds = statistics.median(clock(lambda: smooth.certify(x, N0, n, ALPHA, CERT_BATCH), device) for x in xs)
-    return row(f"3b. {arch} certify 500 @ n={n:,}", None, seconds * 500, "s", "B <= 300 s (H100)",
+    smooth.certify(xs[0], N0, batch * 10, ALPHA, batch)  # warm-up
+    seconds = statistics.median(clock(lambda: smooth.certify(x, N0, n, ALPHA, batch), device) for x in xs)
+    return row(f"5b. {arch} certify 500 @ n={n:,}", None, seconds * 500, "s", "B <= 300 s (H100)",
                note=f"{inputs} inputs timed, extrapolated to 500")
 
 
@@ -190,6 +279,8 @@ def fmt(v, unit):
         return "-"
     if unit == "/s":
         return f"{v:,.0f} /s"
+    if unit != "s":
+        return f"{v:,.1f} {unit}"
     return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.1f} s"
 
 
@@ -205,7 +296,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes; ResNet-20 on CPU")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models trained in 1 and 3a")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models trained in 1 and 5a")
     a = p.parse_args()
     device = torch.device(a.device)
     cuda = device.type == "cuda"
@@ -219,19 +310,29 @@ def main():
     print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
 
     rows = []
+    # Training and certification come first: a fresh process's memory allocator is what train.py
+    # and certify.py meet (after the ResNet steps of 1, glibc serves large blocks without page
+    # faults, and fp32 LeNet steps run up to 1.5x faster than in a fresh process).
+    print("2. training, fast path / fp32", flush=True)
+    rows.append(training(device, 6400 if not cuda else 64_000, 1 if a.quick else 3))
+    print("3. certification", flush=True)
+    rows.append(certification(device, 20_000 if not cuda else 100_000, repeats))
+    rows.append(batch_sweep("LeNet", "fashion-mnist", "lenet", device, 4000 if not cuda else 100_000,
+                            [100, 200, 400, 1000, 4000] if not cuda else [1000, 4000, 10_000, 25_000]))
+    rows.append(batch_sweep(resnet, "cifar10", resnet, device, 800 if small else 4000 if not cuda else 100_000,
+                            [100, 200, 400, 1000] if not cuda else [1000, 4000, 10_000, 25_000]))
+    rows.append(against_naive(device, 5_000 if a.quick else 20_000, repeats))
     print("1. loss overhead", flush=True)
     # LeNet steps are cheap, so they get two more repeats; on a GPU one timing spans several steps.
     rows.append(loss_overhead("LeNet", "fashion-mnist", None, device, repeats + 2, 20 if cuda else 1, a.compile))
     rows.append(loss_overhead(resnet, "cifar10", resnet, device, resnet_repeats, 5 if cuda else 1, a.compile,
                               note="ResNet-20 stands in for ResNet-110 (--quick on CPU)" if small else ""))
-    print("2. certification throughput", flush=True)
-    rows.append(certification(device, 100_000 if cuda else 5_000 if a.quick else 10_000, repeats))
+    print("4. the machine's ceiling", flush=True)
+    rows.extend(ceiling(device, repeats))
     if cuda:
-        print("3. ResNet-110 epoch and certification", flush=True)
+        print("5. ResNet-110 epoch and certification", flush=True)
         rows.append(epoch_time(device, "resnet110", 20, repeats, a.compile))
         rows.append(certify_time(device, "resnet110", 100_000, 3))
-    else:
-        rows.append(row("3. resnet110 epoch, certify 500", None, None, "s", "-", note="not measured: no GPU"))
 
     print(f"\n{'name':<40} {'A':>14} {'B':>14} {'ratio':>7}  target")
     for r in rows:
@@ -239,10 +340,7 @@ def main():
         print(f"{r['name']:<40} {fmt(r['a'], r['unit']):>14} {fmt(r['b'], r['unit']):>14} {ratio:>7}  {r['target']}"
               + (f"   [{r['note']}]" if r["note"] else ""))
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(info, rows=rows), f, indent=1)
-        os.replace(tmp, a.json)  # atomic: a reader never sees half a file
+        data.atomic_write(a.json, lambda p: json.dump(dict(info, rows=rows), open(p, "w"), indent=1))
         print(f"wrote {a.json}")
 
 
