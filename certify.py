@@ -59,13 +59,6 @@ def radius(p_A_low, sigma, p_B_up=None):
     return sigma / 2 * float(norm.ppf(p_A_low) - norm.ppf(p_B_up)) if p_A_low > p_B_up else None
 
 
-def check_positive(**values):
-    """ValueError unless every value is a finite number > 0."""
-    for name, v in values.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be a finite number > 0, not {v!r}")
-
-
 # ---------------------------------------------------------------- the smoothed classifier
 class Smooth:
     """A smoothed classifier around `base_classifier`, which maps (b, *D) inputs in [0, 1] pixel
@@ -77,7 +70,9 @@ class Smooth:
     ABSTAIN = -1
 
     def __init__(self, base_classifier, num_classes, sigma, beta=1.0, device=None, bf16=False):
-        check_positive(sigma=sigma, beta=beta)
+        for name, v in (("sigma", sigma), ("beta", beta)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, not {v!r}")
         if not (isinstance(num_classes, int) and num_classes >= 2):
             raise ValueError(f"num_classes must be an integer >= 2, not {num_classes!r}")
         self.base_classifier, self.num_classes, self.sigma, self.beta = base_classifier, num_classes, sigma, beta
@@ -87,16 +82,14 @@ class Smooth:
 
     def _noisy_logits(self, x, num, batch_size):
         """SAMPLEUNDERNOISE in batches: the logits (b, K) of f at x + eta, eta ~ N(0, sigma^2 I)."""
-        remaining = num
-        while remaining > 0:
-            b = min(batch_size, remaining)
-            remaining -= b
+        hint = (f"pass one input x without a batch dimension (x has shape {tuple(x.shape)}), and num_classes "
+                "equal to the classifier's number of outputs")
+        for start in range(0, num, batch_size):
+            b = min(batch_size, num - start)
             batch = x.unsqueeze(0).expand(b, *x.shape)  # (b, *D), a view: no copy until the noise
             batch = batch + self.sigma * torch.randn(batch.shape, device=x.device, dtype=x.dtype)
             if self.bf16 and batch.dim() == 4:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            hint = (f"pass one input x without a batch dimension (x has shape {tuple(x.shape)}), and num_classes "
-                    "equal to the classifier's number of outputs")
             try:
                 with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
                     logits = self.base_classifier(batch).float()
@@ -187,18 +180,13 @@ class Smooth:
 
 
 # ---------------------------------------------------------------- summaries
-def summarize(labels, predictions, radii, grid=RADII):
+def summarize(rows, grid=RADII):
     """Approximate certified accuracy at each r in grid (correct and radius >= r) and the ACR
-    (mean radius, 0 for a wrong or abstained input), over all inputs given."""
-    correct = [int(p == l) for l, p in zip(labels, predictions)]
-    n = max(len(correct), 1)
-    cert_acc = {r: sum(c for c, R in zip(correct, radii) if R >= r) / n for r in grid}
-    acr = sum(c * R for c, R in zip(correct, radii)) / n
-    return {"n": len(correct), "cert_acc": cert_acc, "acr": acr}
-
-
-def summarize_rows(rows):
-    return summarize([r["label"] for r in rows], [r["predict"] for r in rows], [r["radius"] for r in rows])
+    (mean radius, 0 for a wrong or abstained input), over the rows (dicts of label, predict, radius)."""
+    credit = [(r["predict"] == r["label"], r["radius"]) for r in rows]
+    n = max(len(rows), 1)
+    cert_acc = {g: sum(c and R >= g for c, R in credit) / n for g in grid}
+    return {"n": len(rows), "cert_acc": cert_acc, "acr": sum(c * R for c, R in credit) / n}
 
 
 def format_table(summary, title=""):
@@ -225,7 +213,7 @@ def compare(path_a, path_b, resamples=10_000, seed=0):
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError(f"{path_a} and {path_b} share no inputs; compare results on the same test images")
-    s_a, s_b = summarize_rows([a[i] for i in common]), summarize_rows([b[i] for i in common])
+    s_a, s_b = summarize([a[i] for i in common]), summarize([b[i] for i in common])
     credit = lambda rows: np.array([rows[i]["radius"] * (rows[i]["predict"] == rows[i]["label"]) for i in common])
     d = credit(b) - credit(a)  # (m,) per-input difference of the ACR's terms
     boot = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(1)  # (resamples,)
@@ -234,15 +222,12 @@ def compare(path_a, path_b, resamples=10_000, seed=0):
                 cert_acc_diff={r: s_b["cert_acc"][r] - s_a["cert_acc"][r] for r in RADII})
 
 
-def format_compare(c, path_a, path_b, resamples=10_000, seed=0):
-    grid = "".join(f"{r:>7.2f}" for r in c["cert_acc_diff"])
-    return "\n".join([
-        f"A  {path_a}: ACR {c['acr_a']:.3f}", f"B  {path_b}: ACR {c['acr_b']:.3f}",
-        f"over the {c['n']} inputs both files hold:",
-        f"ACR difference B - A: {c['diff']:+.3f}, 95% paired-bootstrap interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
-        f" ({resamples} resamples, seed {seed})",
-        f"certified accuracy difference B - A at radius r\n{grid}",
-        "".join(f"{v:>+7.3f}" for v in c["cert_acc_diff"].values())])
+def format_compare(c, path_a, path_b, seed=0):
+    return (f"on the {c['n']} inputs both hold: ACR {c['acr_a']:.3f} (A, {path_a}), {c['acr_b']:.3f} (B, {path_b})\n"
+            f"ACR difference B - A: {c['diff']:+.3f}, 95% paired-bootstrap interval [{c['ci'][0]:+.3f}, "
+            f"{c['ci'][1]:+.3f}] (seed {seed})\ncertified accuracy difference B - A at radius r\n"
+            + "".join(f"{r:>7.2f}" for r in c["cert_acc_diff"]) + "\n"
+            + "".join(f"{v:>+7.3f}" for v in c["cert_acc_diff"].values()))
 
 
 # ---------------------------------------------------------------- results files
@@ -349,12 +334,12 @@ def certify_dataset(smooth, dataset, indices, out, n0, n, alpha, batch_size, bou
             log(f"[{j + 1:>4}/{len(todo)}] idx {i:>5}  label {int(label)}  predict {prediction:>2}  "
                 f"radius {R:.3f}  {'correct' if correct else 'wrong  '}  {dt:.2f}s  ETA {eta / 60:.1f} min{note}")
     wanted = set(indices)
-    return summarize_rows([r for r in rows if r["idx"] in wanted])
+    return summarize([r for r in rows if r["idx"] in wanted])
 
 
-def plot_curves(panels, png_path):
-    """Figure 1: approximate certified accuracy against radius; panels maps a title to a list of
-    (tsv_path, label), one panel each. Returns False when matplotlib is missing."""
+def plot_curves(runs, png_path):
+    """Figure 1: approximate certified accuracy against radius, one curve per run (a dict with
+    tsv, name and sigma), one panel per sigma. Returns False when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -362,14 +347,14 @@ def plot_curves(panels, png_path):
     except ImportError:
         print("plotting needs matplotlib: pip install matplotlib")
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
-    for ax, (title, curves) in zip(axes[0], panels.items()):
-        for path, label in curves:
-            rows = read_tsv(path)
+    sigmas = sorted({r["sigma"] for r in runs})
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(4.5 * len(sigmas), 3.5), squeeze=False)
+    for ax, sigma in zip(axes[0], sigmas):
+        for run in (r for r in runs if r["sigma"] == sigma):
+            rows = read_tsv(run["tsv"])
             grid = [i * 0.01 for i in range(int(max([r["radius"] for r in rows] + [0.5]) * 100) + 2)]
-            s = summarize([r["label"] for r in rows], [r["predict"] for r in rows], [r["radius"] for r in rows], grid)
-            ax.plot(grid, list(s["cert_acc"].values()), label=label)
-        ax.set(title=title, xlabel="radius r (l2, pixel space)", ylabel="certified accuracy")
+            ax.plot(grid, list(summarize(rows, grid)["cert_acc"].values()), label=run["name"])
+        ax.set(title=f"sigma = {sigma}", xlabel="radius r (l2, pixel space)", ylabel="certified accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -392,14 +377,6 @@ def default_batch(arch, device):
     if torch.device(device).type == "cuda":
         return 400 if arch == "resnet50" else 10_000
     return 100 if arch == "resnet50" else 400
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- command line
@@ -476,11 +453,12 @@ def run(a):
     smooth = Smooth(model, data.DATASETS[cfg["dataset"]].classes, sigma, beta, device=a.device, bf16=precision == "bf16")
     batch = a.batch or default_batch(cfg["arch"], a.device)
     summary = certify_dataset(smooth, test_set, indices, out, a.n0, a.n, a.alpha, batch, a.bound, overwrite=a.overwrite,
-                              identity=dict(checkpoint_sha256=sha256(a.checkpoint), seed=a.seed))
+                              identity=dict(checkpoint_sha256=hashlib.sha256(open(a.checkpoint, "rb").read()).hexdigest(),
+                                            seed=a.seed))
     print(save_table(summary, out, f"{cfg['dataset']} s={sigma}"))
     if a.bound == "clopper-pearson":  # the radius when all n samples agree
         print(f"max certifiable radius at this n: {sigma * norm.ppf(a.alpha ** (1 / a.n)):.3f}")
-    curves = [(out, f"{cfg['dataset']} s={sigma} {a.bound}")]
+    runs = [dict(tsv=out, name=f"{cfg['dataset']} s={sigma} {a.bound}", sigma=sigma)]
     if a.summary:
         runs = add_to_summary(a.summary, dict(
             name=a.name or os.path.basename(os.path.dirname(os.path.abspath(a.checkpoint))), dataset=cfg["dataset"],
@@ -490,15 +468,9 @@ def run(a):
             cert_acc={f"{r:.2f}": round(v, 4) for r, v in summary["cert_acc"].items()}, certified=summary["n"],
             train_seconds=cfg.get("train_seconds") and round(cfg["train_seconds"], 1), device=cfg.get("device_name"),
             checkpoint=a.checkpoint, tsv=out))
-        curves = [(r["tsv"], r["name"]) for r in runs]
-    if a.plot:
-        png = os.path.splitext(a.summary or out)[0] + ".png"
-        panels = {}
-        for path, label in curves:
-            panels.setdefault(f"sigma = {sigma}" if not a.summary else
-                              f"sigma = {next(r['sigma'] for r in runs if r['tsv'] == path)}", []).append((path, label))
-        if plot_curves(panels, png):
-            print(f"wrote {png}")
+    png = os.path.splitext(a.summary or out)[0] + ".png"
+    if a.plot and plot_curves(runs, png):
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":

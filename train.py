@@ -141,6 +141,11 @@ def resumed_config(saved, flags):
 
 
 # ---------------------------------------------------------------- Algorithm 1
+def epoch_lambda(cfg, epoch):
+    """Footnote 5: with dynamic lambda, train with lambda = 0 until the first lr decay."""
+    return 0.0 if cfg.dynamic_lbd and epoch < (cfg.milestones or [0])[0] else cfg.lbd
+
+
 def train_one_epoch(model, opt, batches, cfg, lbd, autocast, channels_last, log):
     """Algorithm 1, lines 3-9, once over `batches`. Returns device-side sums (loss_cls * n,
     loss_rob * n, correct, n); the host waits for the device only every log_every steps."""
@@ -212,9 +217,12 @@ def run(cfg, flags, resume, overwrite):
         raise ValueError(f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, "
                          "or another --out-dir")
     if rank == 0:  # fail now, not after the first epoch
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        data.atomic_write(os.path.join(cfg.out_dir, "config.json"),
-                          lambda p: json.dump(dataclasses.asdict(cfg), open(p, "w"), indent=1))
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            data.atomic_write(os.path.join(cfg.out_dir, "config.json"),
+                              lambda p: json.dump(dataclasses.asdict(cfg), open(p, "w"), indent=1))
+        except OSError as e:
+            raise ValueError(f"cannot write to --out-dir {cfg.out_dir} ({e.strerror}); choose a writable folder") from None
     torch.manual_seed(cfg.seed + rank)
     device = torch.device(cfg.device)
 
@@ -255,7 +263,7 @@ def run(cfg, flags, resume, overwrite):
     t_run = time.time() - (ckpt["train_seconds"] if ckpt else 0.0)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        lbd = 0.0 if cfg.dynamic_lbd and epoch < (cfg.milestones or [0])[0] else cfg.lbd  # footnote 5
+        lbd = epoch_lambda(cfg, epoch)
         t0 = time.time()
         batches = data.batches(train_set, cfg.batch, epoch, cfg.seed, cfg.augment, device, rank, world)
         stats = train_one_epoch(model, opt, batches, cfg, lbd, autocast, precision == "bf16", log)
@@ -295,7 +303,7 @@ def certify(cfg, ckpt_path):
            "--alpha", str(cfg.cert_alpha), "--skip", str(cfg.cert_skip), "--max", str(cfg.cert_max),
            "--out", os.path.join(cfg.out_dir, "certify.tsv"), "--seed", str(cfg.seed), "--overwrite"]
     cmd += ["--batch", str(cfg.cert_batch)] * (cfg.cert_batch > 0) + ["--fp32"] * cfg.fp32
-    print("+ python " + " ".join(cmd[1:]), flush=True)
+    print("+ python " + " ".join([os.path.relpath(cmd[1])] + cmd[2:]), flush=True)
     if subprocess.run(cmd).returncode:
         sys.exit(1)  # certify.py has said why
 

@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
-TRAIN="python train.py --dataset fashion-mnist --epochs 3 --milestones 2 --train-subset 0 --grad-clip 5 --cert-max 0 --save-every 1"
-CERT="--n0 100 --n 10000 --alpha 0.001 --skip 20 --max 500 --seed 0 --summary results/summary.json"
+TRAIN="python train.py --dataset fashion-mnist --epochs 3 --milestones 2 --train-subset 0 --grad-clip 5 --cert-max 0 --save-every 1 --overwrite"
+CERT="--n0 100 --n 10000 --alpha 0.001 --skip 20 --max 500 --seed 0 --summary results/summary.json --overwrite"
 run() { echo "+ $*"; "$@"; }
 (
   run $TRAIN --method cohen --sigma 0.25 --out-dir results/cohen_s0.25
@@ -29,7 +29,7 @@ wait
 python certify.py results/macer_s0.25/checkpoint.pt $CERT --plot
 # The cap check: 50 of the same images (every 200th) at n = 100,000 for both sigma = 0.25 models.
 for m in cohen macer; do
-  python certify.py results/${m}_s0.25/checkpoint.pt --n 100000 --skip 200 --max 50 --seed 0 \
+  python certify.py results/${m}_s0.25/checkpoint.pt --n 100000 --skip 200 --max 50 --seed 0 --overwrite \
     --out results/${m}_s0.25/subset50_clopper-pearson_n100000.tsv &
 done
 wait
