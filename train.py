@@ -118,7 +118,7 @@ def check_config(cfg):
 
 
 def parse_config(argv=None):
-    """(Config, resume, overwrite): the recipe, then the flags given."""
+    """(Config, flags given, resume, overwrite): the recipe, then the flags given on top."""
     flags = parse_flags(argv)
     resume, overwrite = flags.pop("resume", False), flags.pop("overwrite", False)
     base = Config()
@@ -267,6 +267,8 @@ def run(cfg, flags, resume, overwrite):
         t0 = time.time()
         batches = data.batches(train_set, cfg.batch, epoch, cfg.seed, cfg.augment, device, rank, world)
         stats = train_one_epoch(model, opt, batches, cfg, lbd, autocast, precision == "bf16", log)
+        if stats is None:  # fewer images than processes
+            raise ValueError(f"the training set gives no batch of {cfg.batch} to each of {world} process(es)")
         lr = opt.param_groups[0]["lr"]
         sched.step()
         if ddp:
