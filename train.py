@@ -87,7 +87,9 @@ def recipe(dataset, sigma, method):
 def parse_flags(argv=None):
     """The flags given on the command line, and only those (argparse.SUPPRESS drops the rest)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+                                argument_default=argparse.SUPPRESS,
+                                epilog="A flag not given takes the value of the dataset's recipe (data.DATASETS) at "
+                                       "that sigma; the run's whole configuration is written to OUT_DIR/config.json.")
     for f in dataclasses.fields(Config):
         flag = dict(f.metadata)
         if "action" not in flag:
