@@ -324,10 +324,9 @@ def certify_dataset(smooth, dataset, indices, out, n0, n, alpha, batch_size, bou
             dt = time.time() - t0
             correct = int(prediction == int(label))
             R_floor = math.floor(R * 1e5) / 1e5  # rounded down: a written radius never overclaims
-            row = dict(idx=i, label=int(label), predict=prediction, radius=R_floor, correct=correct, time=dt)
             f.write(f"{i}\t{int(label)}\t{prediction}\t{R_floor:.5f}\t{correct}\t{dt:.3f}\n")
             f.flush()
-            rows.append(row)
+            rows.append(dict(idx=i, label=int(label), predict=prediction, radius=R_floor, correct=correct, time=dt))
             eta = (time.time() - t_start) / (j + 1) * (len(todo) - j - 1)
             note = "".join(f"  ({w.message})" for w in caught)
             caught.clear()
