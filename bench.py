@@ -4,12 +4,13 @@
    macer_loss -> backward -> SGD) over one cross-entropy step on the same 1024 noisy images, same
    model, on the device's default path. LeNet and ResNet-110 (ResNet-20 with --quick on CPU).
 2. Training, fast path / fp32: train.train_one_epoch over the same 6,400 Fashion-MNIST-size
-   images (LeNet, MACER, k = 16), with the device's fast path (bf16 autocast and channels_last
-   where the device has native bf16) against --fp32.
+   images (LeNet, MACER, k = 16), with the device's fast path (bf16 autocast where the device has
+   native bf16) against --fp32; both in channels_last.
 3. Certification: (a) certify.py's defaults (fast path, default batch) against fp32 at batch 1000,
    LeNet, n = 20,000; (b) noisy samples/s at the default batch against the best of a grid, per
    model; (c) Smooth.certify against a naive Cohen-style loop (fp32, one host copy per batch,
-   predictions counted in Python).
+   predictions counted in Python); (d) LeNet noisy samples/s at batch 400 in fp32, channels_last
+   against NCHW; (e) the same in channels_last, bf16 autocast against fp32.
 4. Ceiling: the machine's matmul rate (2048 x 2048, fp32 and bf16) and the GFLOP/s that a LeNet
    MACER training step achieves on the fast path, as a fraction of each.
 5. GPU only: (a) a ResNet-110 MACER epoch on 50,000 CIFAR-size images, eager fp32 against the fast
@@ -78,9 +79,7 @@ def row(name, a, b, unit, target, note=""):
 def train_step(model, opt, x, y, loss, fast, noise=None, targets=None):
     """One step on the K noisy copies of each of the len(x) inputs. No .item(): nothing in a step
     waits for the device. targets: y repeated per copy, for the cross-entropy step."""
-    x_noisy = noisy_copies(x, K, SIGMA, noise)  # (n*K, C, H, W)
-    if fast:
-        x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)
+    x_noisy = noisy_copies(x, K, SIGMA, noise).contiguous(memory_format=torch.channels_last)  # (n*K, C, H, W)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=fast):
         logits = model(x_noisy)
     if loss == "macer":  # macer_loss computes in float32 whatever autocast chose
@@ -127,7 +126,7 @@ def training(device, images, repeats):
         model, autocast, precision = models.fast_path(model, device, fp32)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         batches = data.batches(images, N, 0, 0, False, device)
-        return lambda: train.train_one_epoch(model, opt, batches, cfg, LBD, autocast, precision == "bf16", print)
+        return lambda: train.train_one_epoch(model, opt, batches, cfg, LBD, autocast, print)
 
     warm = data.TensorImages(images.x[:4 * N], images.y[:4 * N])
     for fp32 in (False, True):  # warm-up on a few steps: the full-size A and B alternate below
@@ -199,6 +198,27 @@ def against_naive(device, n, repeats):
                                 lambda: naive_certify(model, x, N0, n, ALPHA), device, repeats)
     return row(f"3c. LeNet certify n={n:,}: Smooth / naive", (N0 + n) / t_smooth, (N0 + n) / t_naive, "/s",
                ">= 1.0x (CPU), >= 5x (GPU)", note="both fp32, batch 400")
+
+
+@torch.inference_mode()
+def layout_and_precision(device, n, repeats):
+    """3d: fp32 Smooth on a channels_last model (A) against an NCHW one (B); 3e: bf16 autocast (A)
+    against fp32 (B), both channels_last. Noisy samples/s of CERTIFY at batch 400."""
+    torch.manual_seed(0)
+    nchw = models.get_model("fashion-mnist").to(device).eval()
+    cl = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    x = torch.rand(1, 28, 28, device=device)
+    rate = lambda t: (N0 + n) / t
+    as_nchw = lambda batch: nchw(batch.contiguous())  # undoes Smooth's channels_last batches
+    smooth = {name: certify.Smooth(m, 10, SIGMA, device=device, bf16=bf16)
+              for name, m, bf16 in (("nchw", as_nchw, False), ("cl", cl, False), ("bf16", cl, True))}
+    run = lambda name: lambda: smooth[name].certify(x, N0, n, ALPHA, 400)
+    t_cl, t_nchw = compare(run("cl"), run("nchw"), device, repeats)
+    t_bf16, t_fp32 = compare(run("bf16"), run("cl"), device, repeats)
+    return [row(f"3d. LeNet certify n={n:,}: channels_last / NCHW", rate(t_cl), rate(t_nchw), "/s", "> 1.0x",
+                note="fp32, batch 400"),
+            row(f"3e. LeNet certify n={n:,}: bf16 / fp32", rate(t_bf16), rate(t_fp32), "/s", "> 1.0x where bf16 pays",
+                note="both channels_last, batch 400")]
 
 
 # ---------------------------------------------------------------- 4. the machine's ceiling
@@ -322,6 +342,7 @@ def main():
     rows.append(batch_sweep(resnet, "cifar10", resnet, device, 800 if small else 4000 if not cuda else 100_000,
                             [100, 200, 400, 1000] if not cuda else [1000, 4000, 10_000, 25_000]))
     rows.append(against_naive(device, 5_000 if a.quick else 20_000, repeats))
+    rows.extend(layout_and_precision(device, 5_000 if a.quick else 20_000, repeats))
     print("1. loss overhead", flush=True)
     # LeNet steps are cheap, so they get two more repeats; on a GPU one timing spans several steps.
     rows.append(loss_overhead("LeNet", "fashion-mnist", None, device, repeats + 2, 20 if cuda else 1, a.compile))

@@ -63,8 +63,8 @@ def radius(p_A_low, sigma, p_B_up=None):
 class Smooth:
     """A smoothed classifier around `base_classifier`, which maps (b, *D) inputs in [0, 1] pixel
     space to (b, num_classes) logits. beta is the Soft-RS inverse temperature. The noise is drawn
-    on `device` (default: the classifier's, else the input's). bf16=True runs the classifier under
-    bf16 autocast in channels_last: the certificate is then about that bf16 classifier, a valid
+    on `device` (default: the classifier's, else the input's). Batches go in channels_last;
+    bf16=True runs the classifier under bf16 autocast: the certificate is then about that bf16 classifier, a valid
     base classifier of its own. A sample whose logits are not all finite votes for no class."""
 
     ABSTAIN = -1
@@ -88,7 +88,7 @@ class Smooth:
             b = min(batch_size, num - start)
             batch = x.unsqueeze(0).expand(b, *x.shape)  # (b, *D), a view: no copy until the noise
             batch = batch + self.sigma * torch.randn(batch.shape, device=x.device, dtype=x.dtype)
-            if self.bf16 and batch.dim() == 4:
+            if batch.dim() == 4:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             try:
                 with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
@@ -404,7 +404,7 @@ def parse_args(argv):
     p.add_argument("--plot", action="store_true", help="also write the radius-accuracy curve as PNG")
     p.add_argument("--summary", help="add this run to a JSON list of runs (and with --plot, plot them all)")
     p.add_argument("--name", help="the run's name in --summary (default: the checkpoint's folder)")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast and channels_last, even where the device has bf16")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast, even where the device has bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     a = p.parse_args(argv)

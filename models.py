@@ -142,12 +142,12 @@ def native_bf16(device_type):
 
 
 def fast_path(model, device, fp32=False):
-    """The fast path where the device has native bf16 (unless fp32): the model in channels_last,
-    and an autocast context for its forward passes. Returns (model, autocast, precision name)."""
+    """The model in channels_last (in fp32 too: LeNet inference on one CPU thread runs 2.5x faster
+    than in NCHW, bench.py row 3d), and a bf16 autocast context for its forward passes where the
+    device has native bf16, unless fp32. Returns (model, autocast, precision name)."""
     device = torch.device(device)
     fast = not fp32 and native_bf16(device.type)
-    if fast:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     return model, torch.autocast(device.type, torch.bfloat16, enabled=fast), "bf16" if fast else "fp32"
 
 

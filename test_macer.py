@@ -741,7 +741,7 @@ def run(*args, env=None, ok=True):
 
 
 def test_train_then_certify_end_to_end_on_the_fast_path(tiny_fmnist, tmp_path):
-    """Train (bf16 and channels_last where the CPU has native bf16), certify at the end, resume
+    """Train (bf16 where the CPU has native bf16), certify at the end, resume
     with more epochs (certify.tsv is redone for the new checkpoint), then certify.py with Soft-RS."""
     out = tmp_path / "run"
     common = ("train.py", "--data-dir", tiny_fmnist, "--out-dir", str(out), "--train-subset", "0", "--k", "4",

@@ -63,7 +63,7 @@ class Config:
     out_dir: str = arg("", "where the run goes (default: runs/DATASET_METHOD_sSIGMA)")
     workers: int = arg(min(8, os.cpu_count() or 1), "data-loading processes (ImageNet only)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
-    fp32: bool = arg(False, "no bf16 autocast and channels_last, even where the device has bf16", action="store_true")
+    fp32: bool = arg(False, "no bf16 autocast, even where the device has bf16", action="store_true")
     compile: bool = arg(False, "torch.compile the model", action="store_true")
 
 
@@ -148,15 +148,14 @@ def epoch_lambda(cfg, epoch):
     return 0.0 if cfg.dynamic_lbd and epoch < (cfg.milestones or [0])[0] else cfg.lbd
 
 
-def train_one_epoch(model, opt, batches, cfg, lbd, autocast, channels_last, log):
+def train_one_epoch(model, opt, batches, cfg, lbd, autocast, log):
     """Algorithm 1, lines 3-9, once over `batches`. Returns device-side sums (loss_cls * n,
     loss_rob * n, correct, n); the host waits for the device only every log_every steps."""
     stats = None
     for step, (x, y) in enumerate(batches):  # line 3: a minibatch (x_i, y_i), i = 1..n
         n, k = len(y), cfg.k
         x_noisy = noisy_copies(x, k, cfg.sigma)  # line 4: k Gaussian copies of each x_i, (n*k, C, H, W)
-        if channels_last:
-            x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)
+        x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)  # as the model (fast_path)
         with autocast:
             logits = model(x_noisy).view(n, k, -1)  # (n*k, K) -> (n, k, K)
         loss, loss_cls, loss_rob = macer_loss(logits, y, cfg.sigma, lbd, cfg.gamma, cfg.beta)  # lines 5-8: Eq. 17
@@ -268,7 +267,7 @@ def run(cfg, flags, resume, overwrite):
         lbd = epoch_lambda(cfg, epoch)
         t0 = time.time()
         batches = data.batches(train_set, cfg.batch, epoch, cfg.seed, cfg.augment, device, rank, world)
-        stats = train_one_epoch(model, opt, batches, cfg, lbd, autocast, precision == "bf16", log)
+        stats = train_one_epoch(model, opt, batches, cfg, lbd, autocast, log)
         if stats is None:  # fewer images than processes
             raise ValueError(f"the training set gives no batch of {cfg.batch} to each of {world} process(es)")
         lr = opt.param_groups[0]["lr"]
