@@ -306,7 +306,7 @@ def certify_dataset(smooth, dataset, indices, out, n0, n, alpha, batch_size, bou
     """Certify dataset[i] for i in indices, appending one flushed TSV row per input to `out`, so an
     interrupted run keeps its rows; a rerun with the same settings skips the indices already there.
     identity: what else the settings record (the checkpoint's hash, the seed). Returns the summary
-    over the rows of `out` among `indices`."""
+    over the rows of `out` among `indices`, with `seconds`, the sum of their certification times."""
     settings = dict(sigma=smooth.sigma, beta=smooth.beta if bound != "clopper-pearson" else None, n0=n0, n=n,
                     alpha=alpha, bound=bound, precision="bf16" if smooth.bf16 else "fp32", **(identity or {}))
     f, rows = open_results(out, settings, overwrite, log)
@@ -333,7 +333,8 @@ def certify_dataset(smooth, dataset, indices, out, n0, n, alpha, batch_size, bou
             log(f"[{j + 1:>4}/{len(todo)}] idx {i:>5}  label {int(label)}  predict {prediction:>2}  "
                 f"radius {R:.3f}  {'correct' if correct else 'wrong  '}  {dt:.2f}s  ETA {eta / 60:.1f} min{note}")
     wanted = set(indices)
-    return summarize([r for r in rows if r["idx"] in wanted])
+    kept = [r for r in rows if r["idx"] in wanted]
+    return dict(summarize(kept), seconds=sum(r["time"] for r in kept))
 
 
 def plot_curves(runs, png_path):
@@ -465,6 +466,7 @@ def run(a):
             beta=beta, epochs=cfg.get("epochs_done"), bound=a.bound, n0=a.n0, n=a.n, alpha=a.alpha, precision=precision,
             train_precision=cfg.get("precision"), acr=round(summary["acr"], 4),
             cert_acc={f"{r:.2f}": round(v, 4) for r, v in summary["cert_acc"].items()}, certified=summary["n"],
+            cert_seconds=round(summary["seconds"], 1),
             train_seconds=cfg.get("train_seconds") and round(cfg["train_seconds"], 1), device=cfg.get("device_name"),
             checkpoint=a.checkpoint, tsv=out))
     png = os.path.splitext(a.summary or out)[0] + ".png"

@@ -2,6 +2,7 @@
 closed form, a naive loop, float64, finite differences or exact quadrature) and each can fail.
 Run: python -m pytest -q test_macer.py"""
 import gzip
+import json
 import math
 import os
 import pickle
@@ -530,6 +531,7 @@ def test_results_tsv_is_appended_and_resumed(tmp_path):
     R = 0.25 * norm.ppf(0.001 ** (1 / 100))
     assert rows[0]["radius"] == pytest.approx(R, rel=1e-3) and rows[3]["correct"] == 1 and rows[0]["correct"] == 0
     assert s1["n"] == 2 and s2["n"] == 4 and s2["acr"] == pytest.approx(R / 4, rel=1e-3)  # only idx 5 is correct
+    assert s2["seconds"] == pytest.approx(sum(r["time"] for r in rows), abs=0.005)  # the TSV keeps 3 decimals
 
 
 def test_results_made_with_other_settings_are_never_mixed(tmp_path):
@@ -754,11 +756,17 @@ def test_train_then_certify_end_to_end_on_the_fast_path(tiny_fmnist, tmp_path):
     assert "resumed" in log and "afresh" in log and "over 5 inputs" in log
     assert certify.read_tsv(str(out / "certify.tsv")) != first
     log = run("certify.py", str(out / "checkpoint.pt"), "--data-dir", tiny_fmnist, "--n", "300", "--skip", "20",
-              "--out", str(tmp_path / "c.tsv"), "--bound", "bernstein")
+              "--out", str(tmp_path / "c.tsv"), "--bound", "bernstein", "--summary", str(tmp_path / "s.json"))
     rows = certify.read_tsv(str(tmp_path / "c.tsv"))
     assert [r["idx"] for r in rows] == [0, 20, 40, 60, 80] and "ACR" in log and "ETA" in log
     assert sum(r["correct"] for r in rows) >= 2  # chance is 0.5 of 5: the smoothed classifier learnt the bars
     assert f"{precision} ->" in log
+    (entry,) = json.load(open(tmp_path / "s.json"))["runs"]
+    assert entry == {**entry, **dict(name="run", dataset="fashion-mnist", sigma=0.25, method="macer", epochs=2,
+                                     n0=100, n=300, alpha=0.001, bound="bernstein", precision=precision,
+                                     tsv=str(tmp_path / "c.tsv"), checkpoint=str(out / "checkpoint.pt"),
+                                     certified=5, acr=round(certify.summarize(rows)["acr"], 4))}
+    assert entry["cert_seconds"] == pytest.approx(sum(r["time"] for r in rows), abs=0.06)
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"),
