@@ -350,7 +350,7 @@ def plot_curves(runs, png_path):
     sigmas = sorted({r["sigma"] for r in runs})
     fig, axes = plt.subplots(1, len(sigmas), figsize=(4.5 * len(sigmas), 3.5), squeeze=False)
     for ax, sigma in zip(axes[0], sigmas):
-        for run in (r for r in runs if r["sigma"] == sigma):
+        for run in sorted((r for r in runs if r["sigma"] == sigma), key=lambda r: r["name"]):  # same colours
             rows = read_tsv(run["tsv"])
             grid = [i * 0.01 for i in range(int(max([r["radius"] for r in rows] + [0.5]) * 100) + 2)]
             ax.plot(grid, list(summarize(rows, grid)["cert_acc"].values()), label=run["name"])
