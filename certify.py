@@ -64,8 +64,9 @@ class Smooth:
     """A smoothed classifier around `base_classifier`, which maps (b, *D) inputs in [0, 1] pixel
     space to (b, num_classes) logits. beta is the Soft-RS inverse temperature. The noise is drawn
     on `device` (default: the classifier's, else the input's). Batches go in channels_last;
-    bf16=True runs the classifier under bf16 autocast: the certificate is then about that bf16 classifier, a valid
-    base classifier of its own. A sample whose logits are not all finite votes for no class."""
+    bf16=True runs the classifier under bf16 autocast: the certificate is then about that bf16
+    classifier, a valid base classifier of its own. A sample whose logits are not all finite votes
+    for no class."""
 
     ABSTAIN = -1
 
