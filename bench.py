@@ -3,11 +3,10 @@
 1. Loss overhead: one MACER training step (n = 64 inputs x k = 16 Gaussian copies -> model ->
    macer_loss -> backward -> SGD) over one cross-entropy step on the same 1024 noisy images, same
    model, on the device's default path. LeNet and ResNet-110 (ResNet-20 with --quick on CPU).
-2. Training, fast path / fp32: train.train_one_epoch over the same 6,400 Fashion-MNIST-size
-   images (LeNet, MACER, k = 16), with the device's fast path (bf16 autocast where the device has
-   native bf16) against --fp32; both in channels_last.
-3. Certification: (a) certify.py's defaults (fast path, default batch) against fp32 at batch 1000,
-   LeNet, n = 20,000; (b) noisy samples/s at the default batch against the best of a grid, per
+2. Training, default / fp32: train.train_one_epoch over the same 6,400 Fashion-MNIST-size images
+   (LeNet, MACER, k = 16), with the default precision (bf16 autocast where models.bf16_pays)
+   against --fp32; both in channels_last.
+3. Certification: (b) noisy samples/s at the default batch against the best of a grid, per
    model; (c) Smooth.certify against a naive Cohen-style loop (fp32, one host copy per batch,
    predictions counted in Python); (d) LeNet noisy samples/s at batch 400 in fp32, channels_last
    against NCHW; (e) the same in channels_last, bf16 autocast against fp32.
@@ -15,18 +14,21 @@
    MACER training step achieves on the fast path, as a fraction of each.
 5. GPU only: (a) a ResNet-110 MACER epoch on 50,000 CIFAR-size images, eager fp32 against the fast
    path with the data on the GPU; (b) the time to certify 500 CIFAR-size inputs at n = 100,000.
+6. CPU only: certification at n = 100,000 in two one-thread processes side by side against one (the
+   e10 LeNet on Fashion-MNIST test images where this checkout has them): samples/s, seconds/image.
 
 A and B are timed alternately (A, B, A, B, ...) after a warm-up, so drift in the machine's speed
 reaches both alike and cancels in the ratio; each figure is a median.
 
-    python bench.py --quick                       # CPU-sized: under 3 minutes on 2 cores
+    python bench.py --quick                       # CPU-sized: a few minutes on 2 cores
     python bench.py --json results/bench.json     # full sizes, on the GPU if there is one
 """
 import argparse
 import copy
 import datetime
 import json
-import platform
+import multiprocessing
+import os
 import statistics
 import time
 
@@ -62,7 +64,7 @@ def clock(fn, device):
     return time.perf_counter() - t0
 
 
-def compare(fn_a, fn_b, device, repeats):
+def alternate(fn_a, fn_b, device, repeats):
     """Median seconds of fn_a and of fn_b: one warm-up call each, then A, B, A, B, ..."""
     fn_a()
     fn_b()
@@ -106,7 +108,7 @@ def loss_overhead(label, dataset, arch, device, repeats, iters, compile, note=""
     targets = y.repeat_interleave(K)  # copies of input i sit in rows i*K .. i*K+K-1
     macer = lambda: [train_step(net, opt, x, y, "macer", fast, noise) for _ in range(iters)]
     ce = lambda: [train_step(net, opt, x, y, "ce", fast, noise, targets) for _ in range(iters)]
-    t_macer, t_ce = compare(macer, ce, device, repeats)
+    t_macer, t_ce = alternate(macer, ce, device, repeats)
     return row(f"1. {label} step: MACER / CE", t_macer / iters, t_ce / iters, "s", "<= 1.05x", note=f"{precision}. {note}")
 
 
@@ -123,7 +125,7 @@ def training(device, images, repeats):
     def epoch(fp32, images=images):
         model = models.get_model("fashion-mnist").to(device)
         model.load_state_dict(init)
-        model, autocast, precision = models.fast_path(model, device, fp32)
+        model, autocast, precision = models.fast_path(model, device, "fp32" if fp32 else "auto")
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         batches = data.batches(images, N, 0, 0, False, device)
         return lambda: train.train_one_epoch(model, opt, batches, cfg, LBD, autocast, print)
@@ -140,29 +142,13 @@ def training(device, images, repeats):
 
 # ---------------------------------------------------------------- 3. certification
 @torch.inference_mode()
-def certification(device, n, repeats):
-    """3a: certify.py's defaults against fp32 at batch 1000 (its CPU default before the fast path)."""
-    torch.manual_seed(0)
-    model = models.get_model("fashion-mnist").to(device).eval()
-    x = torch.rand(1, 28, 28, device=device)
-    fast_model, _, precision = models.fast_path(copy.deepcopy(model), device)
-    fast = certify.Smooth(fast_model, 10, SIGMA, device=device, bf16=precision == "bf16")
-    fp32 = certify.Smooth(model, 10, SIGMA, device=device)
-    batch = certify.default_batch("lenet", device)
-    t_new, t_old = compare(lambda: fast.certify(x, N0, n, ALPHA, batch), lambda: fp32.certify(x, N0, n, ALPHA, 1000),
-                           device, repeats)
-    return row(f"3a. LeNet certify n={n:,}: default / fp32 b1000", t_new, t_old, "s", "<= 0.60x",
-               note=f"{precision}, batch {batch}")
-
-
-@torch.inference_mode()
 def batch_sweep(label, dataset, arch, device, n, grid):
     """3b: noisy samples/s of the default certification batch (A) and of the best in `grid` (B)."""
     torch.manual_seed(0)
     model, _, precision = models.fast_path(models.get_model(dataset, arch=arch).to(device).eval(), device)
     smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
     x = torch.rand(*data.DATASETS[dataset].shape, device=device)
-    default = certify.default_batch(arch, device)
+    default = models.default_batch(arch, device)
     rate = {}
     for b in sorted(set(grid) | {default}):
         smooth.certify(x, 1, b, ALPHA, b)  # warm-up at this shape
@@ -194,7 +180,7 @@ def against_naive(device, n, repeats):
     model = models.get_model("fashion-mnist").to(device).eval()
     x = torch.rand(1, 28, 28, device=device)
     smooth = certify.Smooth(model, 10, SIGMA, device=device)
-    t_smooth, t_naive = compare(lambda: smooth.certify(x, N0, n, ALPHA, 400),
+    t_smooth, t_naive = alternate(lambda: smooth.certify(x, N0, n, ALPHA, 400),
                                 lambda: naive_certify(model, x, N0, n, ALPHA), device, repeats)
     return row(f"3c. LeNet certify n={n:,}: Smooth / naive", (N0 + n) / t_smooth, (N0 + n) / t_naive, "/s",
                ">= 1.0x (CPU), >= 5x (GPU)", note="both fp32, batch 400")
@@ -213,8 +199,8 @@ def layout_and_precision(device, n, repeats):
     smooth = {name: certify.Smooth(m, 10, SIGMA, device=device, bf16=bf16)
               for name, m, bf16 in (("nchw", as_nchw, False), ("cl", cl, False), ("bf16", cl, True))}
     run = lambda name: lambda: smooth[name].certify(x, N0, n, ALPHA, 400)
-    t_cl, t_nchw = compare(run("cl"), run("nchw"), device, repeats)
-    t_bf16, t_fp32 = compare(run("bf16"), run("cl"), device, repeats)
+    t_cl, t_nchw = alternate(run("cl"), run("nchw"), device, repeats)
+    t_bf16, t_fp32 = alternate(run("bf16"), run("cl"), device, repeats)
     return [row(f"3d. LeNet certify n={n:,}: channels_last / NCHW", rate(t_cl), rate(t_nchw), "/s", "> 1.0x",
                 note="fp32, batch 400"),
             row(f"3e. LeNet certify n={n:,}: bf16 / fp32", rate(t_bf16), rate(t_fp32), "/s", "> 1.0x where bf16 pays",
@@ -273,7 +259,7 @@ def epoch_time(device, arch, steps, repeats, compile):
             x = data.crop_flip(images_dev[idx].float() / 255)
             train_step(net_b, opt_b, x, labels_dev[idx], "macer", fast=True)
 
-    t_a, t_b = compare(eager_fp32, fast, device, repeats)
+    t_a, t_b = alternate(eager_fp32, fast, device, repeats)
     return row(f"5a. {arch} epoch: fp32 / fast", t_a / steps * STEPS_PER_EPOCH, t_b / steps * STEPS_PER_EPOCH,
                "s", "B <= 15 s (H100)", note=f"{steps} steps timed x{repeats}, extrapolated to {STEPS_PER_EPOCH}")
 
@@ -285,12 +271,53 @@ def certify_time(device, arch, n, inputs):
     torch.backends.cudnn.benchmark = True
     model, _, precision = models.fast_path(models.get_model("cifar10", arch=arch).to(device).eval(), device)
     smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
-    batch = certify.default_batch(arch, device)
+    batch = models.default_batch(arch, device)
     xs = torch.rand(inputs, 3, 32, 32, device=device)
     smooth.certify(xs[0], N0, batch * 10, ALPHA, batch)  # warm-up
     seconds = statistics.median(clock(lambda: smooth.certify(x, N0, n, ALPHA, batch), device) for x in xs)
     return row(f"5b. {arch} certify 500 @ n={n:,}", None, seconds * 500, "s", "B <= 300 s (H100)",
                note=f"{inputs} inputs timed, extrapolated to 500")
+
+
+# ---------------------------------------------------------------- 6. certification across processes
+E10 = "results/e10/macer_s0.25/checkpoint.pt"  # the 10-epoch LeNet, if this checkout has it
+
+
+def certify_worker(n, inputs):
+    """One process, one thread: Hard-RS CERTIFY on `inputs` Fashion-MNIST test images (random
+    images if the data is absent) with the e10 LeNet (a fresh LeNet if absent), per-input noise as
+    certify.py draws it. Returns (noisy samples/s, seconds per image)."""
+    import results
+    torch.set_num_threads(1)
+    model = models.load_checkpoint(E10)[0] if os.path.exists(E10) else models.get_model("fashion-mnist")
+    model, _, _ = models.fast_path(model.eval(), "cpu", "fp32")
+    try:
+        test_set = data.load_dataset("fashion-mnist", "data", train=False)
+        xs = [test_set[i][0] for i in range(0, 20 * inputs, 20)]
+    except ValueError:
+        xs = list(torch.rand(inputs, 1, 28, 28))
+    smooth = certify.Smooth(model, 10, SIGMA, device="cpu")
+    smooth.certify(xs[0], N0, 4000, ALPHA, 400)  # warm-up
+    t0 = time.perf_counter()
+    for i, x in enumerate(xs):
+        smooth.certify(x, N0, n, ALPHA, 400, generator=results.input_generator(0, i, "cpu"))
+    seconds = time.perf_counter() - t0
+    return (N0 + n) * len(xs) / seconds, seconds / len(xs)
+
+
+def processes(n, inputs):
+    """6: certification throughput of one one-thread process, and of two such processes side by
+    side (spawned, each certifying `inputs` images): samples/s of each, their sum against one."""
+    pool = multiprocessing.get_context("spawn").Pool
+    with pool(1) as p:
+        (one,) = p.starmap(certify_worker, [(n, inputs)])
+    with pool(2) as p:
+        two = p.starmap(certify_worker, [(n, inputs)] * 2)
+    source = "e10 LeNet" if os.path.exists(E10) else "LeNet (untrained)"
+    return [row(f"6a. CPU certify n={n:,}: 2 processes / 1", sum(r for r, _ in two), one[0], "/s", ">= 1.7x",
+                note=f"{source}, 1 thread each; each of the two: {two[0][0]:,.0f} and {two[1][0]:,.0f} /s"),
+            row(f"6b. {source} one image at n={n:,}: 2 processes / 1", max(s for _, s in two), one[1], "s", "-",
+                note="seconds per image, fp32, batch 400")]
 
 
 # ---------------------------------------------------------------- report
@@ -302,13 +329,6 @@ def fmt(v, unit):
     if unit != "s":
         return f"{v:,.1f} {unit}"
     return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.1f} s"
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with open("/proc/cpuinfo") as f:
-        return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
 
 
 def main():
@@ -325,7 +345,7 @@ def main():
     # a ResNet-20 step about 4 s, so --quick there uses ResNet-20, and stays under 3 minutes.
     small = a.quick and not cuda
     resnet, resnet_repeats = ("resnet20", 5) if small else ("resnet110", repeats)
-    info = dict(device=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
+    info = dict(device=models.device_name(device), torch=torch.__version__,
                 date=datetime.datetime.now().isoformat(timespec="seconds"), quick=a.quick, compile=a.compile)
     print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
 
@@ -336,7 +356,6 @@ def main():
     print("2. training, fast path / fp32", flush=True)
     rows.append(training(device, 6400 if not cuda else 64_000, 1 if a.quick else 3))
     print("3. certification", flush=True)
-    rows.append(certification(device, 20_000 if not cuda else 100_000, repeats))
     rows.append(batch_sweep("LeNet", "fashion-mnist", "lenet", device, 4000 if not cuda else 100_000,
                             [100, 200, 400, 1000, 4000] if not cuda else [1000, 4000, 10_000, 25_000]))
     rows.append(batch_sweep(resnet, "cifar10", resnet, device, 800 if small else 4000 if not cuda else 100_000,
@@ -350,6 +369,9 @@ def main():
                               note="ResNet-20 stands in for ResNet-110 (--quick on CPU)" if small else ""))
     print("4. the machine's ceiling", flush=True)
     rows.extend(ceiling(device, repeats))
+    if not cuda:
+        print("6. certification across processes", flush=True)
+        rows.extend(processes(100_000, 2 if a.quick else 5))
     if cuda:
         print("5. ResNet-110 epoch and certification", flush=True)
         rows.append(epoch_time(device, "resnet110", 20, repeats, a.compile))

@@ -4,9 +4,11 @@ pixel space, where the noise of randomized smoothing lives. train.py and certify
 through this file, so neither imports the other.
 """
 import gzip
+import hashlib
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -28,37 +30,42 @@ class Recipe:
     dynamic_lbd: tuple = ()  # sigmas where lambda = 0 until the first lr decay (footnote 5)
     grad_clip: float = 0.0
     train_subset: int = 0
-    cert: dict = field(default_factory=dict)  # overrides of PROTOCOL for the end-of-training check
+    cert: dict = field(default_factory=dict)  # overrides of CERT, skip and max for the end-of-training check
 
 
 @dataclass(frozen=True)
-class Dataset:
+class DatasetFacts:
+    """What the code needs to know of a dataset; a record, not a torch Dataset."""
     classes: int
     shape: tuple  # (C, H, W)
     mean: tuple  # per-channel statistics of the training set, applied inside the model
     std: tuple
     arch: str  # the paper's network
     recipe: Recipe
+    skip: int = 20  # the certification protocol: every skip-th test image from the first, ...
+    max: int = 500  # ... at most this many
 
 
 PAPER = dict(epochs=440, lr=0.01, milestones=(200, 400), k=16)
 DATASETS = {
-    "mnist": Dataset(10, (1, 28, 28), (0.1307,), (0.3081,), "lenet",
-                     Recipe(**PAPER, lbd={0.25: 16, 0.5: 16, 1.0: 16})),
-    "cifar10": Dataset(10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "resnet110",  # Cohen's
-                       Recipe(**PAPER, lbd={0.25: 12, 0.5: 4, 1.0: 12}, dynamic_lbd=(1.0,), augment=True)),
-    "svhn": Dataset(10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "resnet110",
-                    Recipe(**PAPER, lbd={0.25: 12, 0.5: 12}, augment=True)),
-    "imagenet": Dataset(1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "resnet50",
-                        Recipe(120, 0.1, (30, 60, 90), 2, {0.25: 6, 0.5: 3, 1.0: 3}, augment=True)),
+    "mnist": DatasetFacts(10, (1, 28, 28), (0.1307,), (0.3081,), "lenet",
+                          Recipe(**PAPER, lbd={0.25: 16, 0.5: 16, 1.0: 16})),
+    "cifar10": DatasetFacts(10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "resnet110",  # Cohen's
+                            Recipe(**PAPER, lbd={0.25: 12, 0.5: 4, 1.0: 12}, dynamic_lbd=(1.0,), augment=True)),
+    "svhn": DatasetFacts(10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "resnet110",
+                         Recipe(**PAPER, lbd={0.25: 12, 0.5: 12}, augment=True)),
+    # Every 100th of the 50,000 validation images: ImageFolder sorts them by class, so every 20th
+    # would cover only classes 0-199 (Cohen et al. and the paper take every 100th).
+    "imagenet": DatasetFacts(1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "resnet50",
+                             Recipe(120, 0.1, (30, 60, 90), 2, {0.25: 6, 0.5: 3, 1.0: 3}, augment=True), skip=100),
     # Not in the paper: the quick, offline first run (MNIST's loss settings, LeNet has no BatchNorm
     # to hold its logit scale, hence the clipping; see the README).
-    "fashion-mnist": Dataset(10, (1, 28, 28), (0.2860,), (0.3530,), "lenet",
-                             Recipe(1, 0.01, (), 16, {0.25: 16, 0.5: 16, 1.0: 16}, grad_clip=5.0,
-                                    train_subset=30_000, cert=dict(n=4000, skip=100, max=100))),
+    "fashion-mnist": DatasetFacts(10, (1, 28, 28), (0.2860,), (0.3530,), "lenet",
+                                  Recipe(1, 0.01, (), 16, {0.25: 16, 0.5: 16, 1.0: 16}, grad_clip=5.0,
+                                         train_subset=30_000, cert=dict(n=4000, skip=100, max=100))),
 }
-# Cohen et al.'s certification protocol, used by the paper: every 20th test image, 500 at most.
-PROTOCOL = dict(n0=100, n=100_000, alpha=0.001, skip=20, max=500)
+# Cohen et al.'s certification settings, used by the paper; which test images: DatasetFacts.skip, .max.
+CERT = dict(n0=100, n=100_000, alpha=0.001)
 
 
 def dataset_facts(name):
@@ -107,8 +114,11 @@ def checked(x, y, name, where):
 
 def read_idx(path):
     """An IDX file (MNIST's format), gzipped or not, as a uint8 tensor."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip (BadGzipFile is an OSError), or cut short
+        raise ValueError(f"{path} is not a complete gzip file ({type(e).__name__}); download it again") from None
     ndim = data[3] if len(data) >= 4 and data[:3] == b"\0\0\x08" else 0
     shape = struct.unpack(">" + "I" * ndim, data[4: 4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else ()
     if not ndim or len(data) != 4 + 4 * ndim + torch.Size(shape).numel():
@@ -206,6 +216,24 @@ def load_dataset(name, data_dir, train):
     tf = (T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()]) if train else
           T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()]))
     return torchvision.datasets.ImageFolder(path, tf)
+
+
+def labels(dataset):
+    """The labels of a TensorImages or an ImageFolder, without reading an image."""
+    return dataset.y.tolist() if isinstance(dataset, TensorImages) else list(dataset.targets)
+
+
+def fingerprint(dataset):
+    """sha256 of a dataset's images and labels (of an ImageFolder's file names and labels), so that
+    results certified on one test set are never read as another's."""
+    h = hashlib.sha256()
+    if isinstance(dataset, TensorImages):
+        h.update(dataset.x.cpu().contiguous().numpy().tobytes())
+        h.update(dataset.y.cpu().numpy().tobytes())
+    else:
+        for path, label in dataset.samples:
+            h.update(f"{os.path.relpath(path, dataset.root)}\t{label}\n".encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- batches on the device

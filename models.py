@@ -5,7 +5,7 @@ each model normalises them (per-channel mean and std) as its first step. The sta
 non-persistent buffers, so the state dicts carry exactly the parameter names of the MACER authors'
 released LeNet and ResNet-110, and of torchvision's ResNet-50.
 """
-import functools
+import platform
 import re
 
 import torch
@@ -28,6 +28,16 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class LogitLinear(nn.Linear):
+    """The last layer, which makes the logits: in float32 even under bf16 autocast. MACER's
+    robustness term and Soft-RS multiply the logits by beta = 16, and with them their bf16
+    rounding (8 bits of mantissa); this layer is a small part of the network's work."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
 class LeNet(nn.Module):
     """conv 1->20 5x5, max-pool, conv 20->50 5x5, max-pool, fc 800->500, fc 500->10."""
 
@@ -37,7 +47,7 @@ class LeNet(nn.Module):
         self.conv1 = nn.Conv2d(1, 20, 5)
         self.conv2 = nn.Conv2d(20, 50, 5)
         self.fc1 = nn.Linear(4 * 4 * 50, 500)
-        self.fc2 = nn.Linear(500, num_classes)
+        self.fc2 = LogitLinear(500, num_classes)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.conv1(self.normalize(x))), 2)
@@ -79,7 +89,7 @@ class CifarResNet(nn.Module):
             layer = [BasicBlock(c_in if i == 0 else w, w, 2 if (s > 0 and i == 0) else 1) for i in range(blocks)]
             setattr(self, f"layer{s + 1}", nn.Sequential(*layer))
             c_in = w
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = LogitLinear(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -96,6 +106,7 @@ class ResNet50(torchvision.models.ResNet):
     def __init__(self, normalize=None, num_classes=1000):
         super().__init__(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
         self.normalize = normalize or nn.Identity()
+        self.fc = LogitLinear(self.fc.in_features, num_classes)  # torchvision's init of fc: nn.Linear's own
 
     def forward(self, x):
         return super().forward(self.normalize(x))
@@ -124,31 +135,69 @@ def get_model(dataset, normalize=True, arch=None):
     return CifarResNet(int(arch[len("resnet"):]), norm, facts.classes)
 
 
-@functools.lru_cache(maxsize=None)
-def native_bf16(device_type):
-    """Whether this machine's `device_type` ("cuda" or "cpu") runs bf16 matrix products natively:
-    a CUDA GPU with bf16 support, or a CPU with AVX-512 BF16 or AMX instructions (Linux reports
-    them in /proc/cpuinfo). Elsewhere bf16 is emulated, and slower than fp32."""
+def cpuinfo(field):
+    """The first `field` line of /proc/cpuinfo (Linux), e.g. "flags" or "model name"; "" elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l.split(":", 1)[1].strip() for l in f if l.split(":")[0].strip() == field), "")
+    except OSError:
+        return ""
+
+
+def cpu_flags():
+    return set(cpuinfo("flags").split())
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model and the threads torch uses: every timing names its machine."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpuinfo('model name') or platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def bf16_pays(device_type, flags=None):
+    """Whether bf16 autocast is known to be faster than fp32 on this kind of device: a CUDA GPU with
+    bf16 support, or a CPU with AMX (flag amx_bf16). AVX-512 BF16 alone is not enough: on a Xeon with
+    it and no AMX, bf16 trained LeNet only 6% faster than fp32 and certified at 0.72x fp32's
+    samples/s (results/README.md); a CPU without either emulates bf16, slower still.
+    flags: the CPU's flags (default: this machine's)."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = set(f.read().split())
-        except OSError:
-            return False
-        return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+    return device_type == "cpu" and "amx_bf16" in (cpu_flags() if flags is None else flags)
 
 
-def fast_path(model, device, fp32=False):
+def fast_path(model, device, precision="auto", flags=None):
     """The model in channels_last (in fp32 too: LeNet certification on a CPU runs 2.2x the samples/s
-    of NCHW, bench.py row 3d), and a bf16 autocast context for its forward passes where the
-    device has native bf16, unless fp32. Returns (model, autocast, precision name)."""
+    of NCHW, bench.py row 3d), and an autocast context for its forward passes: bf16 if precision is
+    "bf16", or "auto" where bf16_pays(device, flags); else fp32. The logits stay float32 either way
+    (LogitLinear). Returns (model, autocast, "bf16" or "fp32")."""
     device = torch.device(device)
-    fast = not fp32 and native_bf16(device.type)
+    bf16 = precision == "bf16" or (precision == "auto" and bf16_pays(device.type, flags))
     model = model.to(memory_format=torch.channels_last)
-    return model, torch.autocast(device.type, torch.bfloat16, enabled=fast), "bf16" if fast else "fp32"
+    return model, torch.autocast(device.type, torch.bfloat16, enabled=bf16), "bf16" if bf16 else "fp32"
+
+
+def default_batch(arch, device):
+    """Noisy samples per forward pass. On a CPU, 400 (100 for ResNet-50) is within a few percent of
+    the best that bench.py measured for LeNet and ResNet-20. On a GPU, 10,000 (400 for ResNet-50)
+    is a guess until bench.py runs on one."""
+    if torch.device(device).type == "cuda":
+        return 400 if arch == "resnet50" else 10_000
+    return 100 if arch == "resnet50" else 400
+
+
+def check_device(name):
+    """torch.device(name) if this machine has it, else a ValueError saying what to use."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"no CUDA device {name!r} is visible here ({torch.cuda.device_count()} GPUs): use --device cpu")
+    return device
 
 
 def strip_prefix(state_dict):
@@ -172,6 +221,8 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
         raise ValueError(f"{path} holds no state dict; pass a checkpoint saved by train.py, MACER or Cohen et al.")
     cfg = {}
     if "model" in ckpt and "config" in ckpt:  # ours
+        if not isinstance(ckpt["config"], dict):
+            raise ValueError(f"{path} has a config that is not a dict; it was not saved by train.py")
         cfg, state = dict(ckpt["config"]), ckpt["model"]
         cfg.update(epochs_done=ckpt.get("epoch"), train_seconds=ckpt.get("train_seconds"))
     elif "net" in ckpt:  # the MACER authors'

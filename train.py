@@ -4,14 +4,16 @@ then certify it with certify.py. The paper's recipes are one flag away; every va
     python train.py                                   # quick run: LeNet, Fashion-MNIST, sigma 0.25, CPU
     python train.py --dataset cifar10 --sigma 0.5     # the paper's CIFAR-10 recipe (ResNet-110)
     python train.py --dataset cifar10 --method cohen  # the baseline: k = 1, lambda = 0
-    torchrun --nproc_per_node 4 train.py --dataset imagenet --data-dir /path/to/imagenet
+    torchrun --standalone --nproc_per_node 4 -- train.py --dataset imagenet --data-dir /path/to/imagenet
 """
 import argparse
 import dataclasses
+import datetime
+import fcntl
+import glob
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,11 +21,54 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+import certify
 import data
 import models
 from macer import macer_loss, noisy_copies
 
 
+# ---------------------------------------------------------------- Algorithm 1
+def train_one_epoch(model, opt, batches, cfg, lbd, autocast, log):
+    """Algorithm 1, lines 3-9, once over `batches`. Returns device-side sums (loss_cls * n,
+    loss_rob * n, correct, n); the host waits for the device only every log_every steps."""
+    stats = None
+    for step, (x, y) in enumerate(batches):  # line 3: a minibatch (x_i, y_i), i = 1..n
+        n, k = len(y), cfg.k
+        x_noisy = noisy_copies(x, k, cfg.sigma)  # line 4: k Gaussian copies of each x_i, (n*k, C, H, W)
+        x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)  # as the model (models.fast_path)
+        with autocast:
+            logits = model(x_noisy).view(n, k, -1)  # (n*k, K) -> (n, k, K)
+        loss, loss_cls, loss_rob = macer_loss(logits, y, cfg.sigma, lbd, cfg.gamma, cfg.beta)  # lines 5-8: Eq. 17
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # line 9: one step of a first-order method on Eq. 17
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():  # accuracy of the smoothed (beta = 1) prediction on this batch
+            correct = (logits.float().softmax(-1).mean(1).argmax(-1) == y).sum()
+            s = torch.stack([loss_cls.detach() * n, loss_rob.detach() * n, correct.float(), torch.full_like(loss_cls, n)])
+            stats = s if stats is None else stats + s
+        if (step + 1) % cfg.log_every == 0:  # the only host sync inside an epoch
+            log_stats(stats, f"  step {step + 1:>6}", log)
+    return stats
+
+
+def epoch_lambda(cfg, epoch):
+    """Footnote 5: with dynamic lambda, train with lambda = 0 until the first lr decay."""
+    return 0.0 if cfg.dynamic_lbd and epoch < (cfg.milestones or [0])[0] else cfg.lbd
+
+
+def log_stats(stats, head, log):
+    """One progress line; a non-finite loss ends the run here, before a checkpoint can keep it."""
+    s = stats.tolist()
+    if not all(map(math.isfinite, s[:2])):
+        raise FloatingPointError(f"the loss became non-finite ({head.strip()}); the last checkpoint is the last good "
+                                 "one: lower --lr or --lbd, or raise --grad-clip")
+    log(f"{head}  loss_cls {s[0] / s[3]:.4f}  loss_rob {s[1] / s[3]:.4f}  acc {s[2] / s[3]:.4f}", flush=True)
+    return s
+
+
+# ---------------------------------------------------------------- configuration
 def arg(default, help, **flag):
     return field(default=default, metadata=dict(help=help, **flag))
 
@@ -50,12 +95,12 @@ class Config:
     augment: bool = arg(False, "1: random crop (pad 4) and horizontal flip", type=int, choices=[0, 1])
     grad_clip: float = arg(0.0, "clip the gradient norm at this value (0: off)")
     train_subset: int = arg(0, "train on the first N training images only (0: all)")
-    seed: int = arg(0, "seed of the shuffles, the noise and the initialisation")
-    cert_n0: int = arg(data.PROTOCOL["n0"], "certification: selection samples")
-    cert_n: int = arg(data.PROTOCOL["n"], "certification: estimation samples")
-    cert_alpha: float = arg(data.PROTOCOL["alpha"], "certification: failure probability")
-    cert_skip: int = arg(data.PROTOCOL["skip"], "certify every skip-th test image")
-    cert_max: int = arg(data.PROTOCOL["max"], "certify at most this many test images (0: none)")
+    seed: int = arg(0, "seed of the shuffles, the noise and the initialisation, in [0, 2^32)")
+    cert_n0: int = arg(data.CERT["n0"], "certification: selection samples")
+    cert_n: int = arg(data.CERT["n"], "certification: estimation samples")
+    cert_alpha: float = arg(data.CERT["alpha"], "certification: failure probability")
+    cert_skip: int = arg(20, "certify every skip-th test image (the recipe: the dataset's protocol)")
+    cert_max: int = arg(500, "certify at most this many test images (0: none)")
     cert_batch: int = arg(0, "noisy samples per forward pass while certifying (0: certify.py's default)")
     save_every: int = arg(10, "checkpoint every N epochs (and at the end)")
     log_every: int = arg(200, "a progress line every N steps within an epoch")
@@ -63,12 +108,13 @@ class Config:
     out_dir: str = arg("", "where the run goes (default: runs/DATASET_METHOD_sSIGMA)")
     workers: int = arg(min(8, os.cpu_count() or 1), "data-loading processes (ImageNet only)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
-    fp32: bool = arg(False, "no bf16 autocast, even where the device has bf16", action="store_true")
+    fp32: bool = arg(False, "no bf16 autocast", action="store_true")
+    bf16: bool = arg(False, "bf16 autocast even where it is not known to pay (models.bf16_pays)", action="store_true")
     compile: bool = arg(False, "torch.compile the model", action="store_true")
 
 
 # What --resume may change; the rest of a run's settings are fixed by its checkpoint.
-RESUMABLE = {"epochs", "save_every", "log_every", "data_dir", "out_dir", "workers", "device", "fp32", "compile",
+RESUMABLE = {"epochs", "save_every", "log_every", "data_dir", "out_dir", "workers", "device", "fp32", "bf16", "compile",
              "cert_n0", "cert_n", "cert_alpha", "cert_skip", "cert_max", "cert_batch"}
 
 
@@ -77,7 +123,7 @@ def recipe(dataset, sigma, method):
     facts = data.dataset_facts(dataset)
     r = facts.recipe
     lbd = r.lbd[min(r.lbd, key=lambda s: abs(s - sigma))]  # a sigma the paper did not use: the nearest one's
-    cert = {f"cert_{key}": v for key, v in {**data.PROTOCOL, **r.cert}.items()}
+    cert = {f"cert_{key}": v for key, v in {**data.CERT, "skip": facts.skip, "max": facts.max, **r.cert}.items()}
     cfg = Config(dataset=dataset, sigma=sigma, method=method, arch=facts.arch, epochs=r.epochs, lr=r.lr,
                  milestones=list(r.milestones), k=r.k, lbd=lbd, dynamic_lbd=sigma in r.dynamic_lbd, gamma=r.gamma,
                  beta=r.beta, augment=r.augment, grad_clip=r.grad_clip, train_subset=r.train_subset, **cert)
@@ -107,13 +153,15 @@ def check_config(cfg):
         ("momentum", cfg.momentum, ">= 0", cfg.momentum >= 0), ("weight_decay", cfg.weight_decay, ">= 0", cfg.weight_decay >= 0),
         ("k", cfg.k, ">= 1", cfg.k >= 1), ("lbd", cfg.lbd, ">= 0", cfg.lbd >= 0), ("gamma", cfg.gamma, "> 0", cfg.gamma > 0),
         ("beta", cfg.beta, "> 0", cfg.beta > 0), ("grad_clip", cfg.grad_clip, ">= 0", cfg.grad_clip >= 0),
-        ("train_subset", cfg.train_subset, ">= 0", cfg.train_subset >= 0),
+        ("train_subset", cfg.train_subset, ">= 0", cfg.train_subset >= 0), ("seed", cfg.seed, "in [0, 2^32)", 0 <= cfg.seed < 2 ** 32),
         ("cert_alpha", cfg.cert_alpha, "in (0, 1)", 0 < cfg.cert_alpha < 1),
         *[(n, getattr(cfg, n), ">= 1", getattr(cfg, n) >= 1) for n in
           ("epochs", "batch", "cert_n0", "cert_n", "cert_skip", "save_every", "log_every", "workers")],
         *[(n, getattr(cfg, n), ">= 0", getattr(cfg, n) >= 0) for n in ("cert_max", "cert_batch")],
         *[("milestones", m, ">= 1", m >= 1) for m in cfg.milestones]]
         if not (ok and (not isinstance(v, float) or math.isfinite(v)))]
+    if cfg.fp32 and cfg.bf16:
+        bad.append("--fp32 and --bf16 contradict each other; give at most one")
     if bad:
         raise ValueError("; ".join(bad))
     models.check_arch(cfg.dataset, cfg.arch)
@@ -123,6 +171,8 @@ def parse_config(argv=None):
     """(Config, flags given, resume, overwrite): the recipe, then the flags given on top."""
     flags = parse_flags(argv)
     resume, overwrite = flags.pop("resume", False), flags.pop("overwrite", False)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
     base = Config()
     cfg = recipe(flags.get("dataset", base.dataset), flags.get("sigma", base.sigma), flags.get("method", base.method))
     cfg = dataclasses.replace(cfg, **flags)
@@ -132,55 +182,18 @@ def parse_config(argv=None):
     return cfg, flags, resume, overwrite
 
 
-def resumed_config(saved, flags):
+def resumed_config(saved, flags, epochs_done):
     """The saved config, with the flags --resume can honour; any other flag that changes it is an error."""
     saved = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
     fixed = sorted(k for k, v in flags.items() if k not in RESUMABLE and v != getattr(saved, k))
     if fixed:
         raise ValueError(f"--resume continues the saved run and cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}"
                          "; drop those flags, or start a new run in another --out-dir")
-    return dataclasses.replace(saved, **{k: v for k, v in flags.items() if k in RESUMABLE})
-
-
-# ---------------------------------------------------------------- Algorithm 1
-def epoch_lambda(cfg, epoch):
-    """Footnote 5: with dynamic lambda, train with lambda = 0 until the first lr decay."""
-    return 0.0 if cfg.dynamic_lbd and epoch < (cfg.milestones or [0])[0] else cfg.lbd
-
-
-def train_one_epoch(model, opt, batches, cfg, lbd, autocast, log):
-    """Algorithm 1, lines 3-9, once over `batches`. Returns device-side sums (loss_cls * n,
-    loss_rob * n, correct, n); the host waits for the device only every log_every steps."""
-    stats = None
-    for step, (x, y) in enumerate(batches):  # line 3: a minibatch (x_i, y_i), i = 1..n
-        n, k = len(y), cfg.k
-        x_noisy = noisy_copies(x, k, cfg.sigma)  # line 4: k Gaussian copies of each x_i, (n*k, C, H, W)
-        x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)  # as the model (fast_path)
-        with autocast:
-            logits = model(x_noisy).view(n, k, -1)  # (n*k, K) -> (n, k, K)
-        loss, loss_cls, loss_rob = macer_loss(logits, y, cfg.sigma, lbd, cfg.gamma, cfg.beta)  # lines 5-8: Eq. 17
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # line 9: one step of a first-order method on Eq. 17
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        with torch.no_grad():  # accuracy of the smoothed (beta = 1) prediction on this batch
-            correct = (logits.float().softmax(-1).mean(1).argmax(-1) == y).sum()
-            s = torch.stack([loss_cls.detach() * n, loss_rob.detach() * n, correct.float(), torch.full_like(loss_cls, n)])
-            stats = s if stats is None else stats + s
-        if (step + 1) % cfg.log_every == 0:  # the only host sync inside an epoch
-            log_stats(stats, f"  step {step + 1:>6}", log)
-    return stats
-
-
-def log_stats(stats, head, log):
-    """One progress line; a non-finite loss ends the run here, before a checkpoint can keep it."""
-    s = stats.tolist()
-    if not all(map(math.isfinite, s[:2])):
-        raise FloatingPointError(f"the loss became non-finite ({head.strip()}); the last checkpoint is the last good "
-                                 "one: lower --lr or --lbd, or raise --grad-clip")
-    log(f"{head}  loss_cls {s[0] / s[3]:.4f}  loss_rob {s[1] / s[3]:.4f}  acc {s[2] / s[3]:.4f}", flush=True)
-    return s
+    cfg = dataclasses.replace(saved, **{k: v for k, v in flags.items() if k in RESUMABLE})
+    if cfg.epochs < epochs_done:
+        raise ValueError(f"the checkpoint has trained {epochs_done} epochs; --epochs must be at least that to --resume it")
+    check_config(cfg)
+    return cfg
 
 
 # ---------------------------------------------------------------- the run
@@ -189,126 +202,179 @@ def main(argv=None):
         run(*parse_config(argv))
     except (ValueError, FloatingPointError) as e:
         sys.exit(f"error: {str(e).rstrip('.')}.")
+    except RuntimeError as e:
+        if not certify.out_of_memory(e):
+            raise
+        sys.exit(f"error: out of memory ({str(e).strip().splitlines()[0][:120]}); lower --batch or --k.")
 
 
 def run(cfg, flags, resume, overwrite):
+    """The processes and the run folder's lock around fit(); both are released however it ends."""
+    models.check_device(cfg.device)
     ddp = "RANK" in os.environ  # launched by torchrun
     if ddp:
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(days=7))
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    else:
-        rank, world = 0, 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    folder_lock = None
+    try:
+        folder_lock = lock_run_folder(cfg.out_dir) if rank == 0 else None
+        fit(cfg, flags, resume, overwrite, rank, world)
+    finally:
+        if folder_lock is not None:
+            os.close(folder_lock)
+        if ddp:
+            dist.destroy_process_group()
+
+
+def fit(cfg, flags, resume, overwrite, rank, world):
+    """Set up (settings, data, model), train the remaining epochs, certify."""
     log = print if rank == 0 else (lambda *a, **k: None)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-
-    start_epoch, ckpt = 0, None
-    if resume:
-        if not os.path.exists(ckpt_path):
-            raise ValueError(f"--resume found no checkpoint at {ckpt_path}; check --out-dir")
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            saved = ckpt["config"]
-        except Exception:
-            raise ValueError(f"{ckpt_path} is not a readable train.py checkpoint; delete it or pick another --out-dir") from None
-        cfg, start_epoch = resumed_config(saved, {**flags, "out_dir": cfg.out_dir}), ckpt["epoch"]
-        check_config(cfg)
-    elif os.path.exists(ckpt_path) and not overwrite:
-        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, "
-                         "or another --out-dir")
-    if rank == 0:  # fail now, not after the first epoch
-        try:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            data.atomic_write(os.path.join(cfg.out_dir, "config.json"),
-                              lambda p: json.dump(dataclasses.asdict(cfg), open(p, "w"), indent=1))
-        except OSError as e:
-            raise ValueError(f"cannot write to --out-dir {cfg.out_dir} ({e.strerror}); choose a writable folder") from None
-    torch.manual_seed(cfg.seed + rank)
+    cfg, ckpt = open_run(cfg, flags, resume, overwrite, ckpt_path, rank)
     device = torch.device(cfg.device)
-
-    train_set = data.load_dataset(cfg.dataset, cfg.data_dir, train=True)
-    if isinstance(train_set, data.TensorImages):
-        N = cfg.train_subset or len(train_set)
-        train_set = data.TensorImages(train_set.x[:N].to(device), train_set.y[:N].to(device))  # whole set on the device
-    else:
-        sampler = torch.utils.data.DistributedSampler(train_set, seed=cfg.seed, drop_last=True) if ddp else None
-        train_set = torch.utils.data.DataLoader(train_set, cfg.batch, shuffle=sampler is None, sampler=sampler,
-                                                num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True)
-
-    model = models.get_model(cfg.dataset, arch=cfg.arch).to(device)
-    model, autocast, precision = models.fast_path(model, device, cfg.fp32)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.1 ** sum(epoch >= m for m in cfg.milestones))
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        rng_cpu, rng_cuda = ckpt["rng"][rank % len(ckpt["rng"])]
-        torch.set_rng_state(rng_cpu)
-        if device.type == "cuda" and rng_cuda is not None:
-            torch.cuda.set_rng_state(rng_cuda, device)
-        log(f"resumed {ckpt_path} at epoch {start_epoch}")
-    raw_model = model
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-
+    torch.manual_seed(cfg.seed + rank)
+    model, opt, sched, autocast, precision = build(cfg, device, ckpt, rank)
+    train_set = load_train_set(cfg, device, world > 1)
+    ddp = world > 1
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    net = torch.compile(net) if cfg.compile else net
     log(f"{cfg.method} on {cfg.dataset} ({cfg.arch}), sigma {cfg.sigma}, k {cfg.k}, lambda {cfg.lbd}"
         f"{' (dynamic)' if cfg.dynamic_lbd else ''}, gamma {cfg.gamma}, beta {cfg.beta}, {cfg.epochs} epochs, "
-        f"{device} {precision}, {world} process(es) -> {cfg.out_dir}")
+        f"{device} {precision}, {world} process(es) -> {cfg.out_dir}" + (f"; resumed at epoch {ckpt['epoch']}" if ckpt else ""))
     log(f"{'epoch':>5} {'loss_cls':>9} {'loss_rob':>9} {'acc':>6} {'lr':>8} {'img/s':>7} {'time':>8}  precision")
     t_run = time.time() - (ckpt["train_seconds"] if ckpt else 0.0)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        lbd = epoch_lambda(cfg, epoch)
+    for epoch in range(ckpt["epoch"] if ckpt else 0, cfg.epochs):
+        net.train()
         t0 = time.time()
         batches = data.batches(train_set, cfg.batch, epoch, cfg.seed, cfg.augment, device, rank, world)
-        stats = train_one_epoch(model, opt, batches, cfg, lbd, autocast, log)
+        stats = train_one_epoch(net, opt, batches, cfg, epoch_lambda(cfg, epoch), autocast, log)
         if stats is None:  # fewer images than processes
             raise ValueError(f"the training set gives no batch of {cfg.batch} to each of {world} process(es)")
         lr = opt.param_groups[0]["lr"]
         sched.step()
         if ddp:
             dist.all_reduce(stats)
-        s = log_stats(stats, "", lambda *a, **k: None)
+        s = log_stats(stats, f"epoch {epoch + 1}", lambda *a, **k: None)
         log(f"{epoch + 1:>5} {s[0] / s[3]:>9.4f} {s[1] / s[3]:>9.4f} {s[2] / s[3]:>6.3f} {lr:>8.5f} "
             f"{s[3] / (time.time() - t0):>7.0f} {time.time() - t_run:>7.0f}s  {precision}", flush=True)
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-            rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
-            if ddp:  # every rank's RNG state, so that a resumed DDP run draws the same noise
-                mine, rng = rng[0], [None] * world
-                dist.all_gather_object(rng, mine)
-            if rank == 0:
-                state = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                             epoch=epoch + 1, rng=rng, train_seconds=time.time() - t_run,
-                             config=dict(dataclasses.asdict(cfg), precision=precision, device_name=device_name(device)))
-                data.atomic_write(ckpt_path, lambda p: torch.save(state, p))
-    if ddp:
-        dist.destroy_process_group()
-    if rank == 0 and cfg.cert_max > 0:
+            save_checkpoint(ckpt_path, model, opt, sched, cfg, epoch + 1, time.time() - t_run, precision, device, rank, world)
+    if cfg.cert_max > 0:
         log(f"trained in {time.time() - t_run:.0f}s; checkpoint {ckpt_path}")
-        certify(cfg, ckpt_path)
+        certify_checkpoint(cfg, ckpt_path, rank, world)
 
 
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+def lock_run_folder(out_dir):
+    """Create out_dir and lock it for this run's life, so that two runs never share it; remove what
+    a run killed inside a save left behind (atomic_write's <name>.<pid>.tmp)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError as e:
+        raise ValueError(f"cannot write to --out-dir {out_dir} ({e.strerror}); choose a writable folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"another train.py is running in {out_dir}; wait for it, or choose another --out-dir") from None
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.[0-9]*.tmp")):
+        os.remove(stale)
+    return fd
 
 
-def certify(cfg, ckpt_path):
-    """Cohen et al.'s protocol (Hard-RS, Clopper-Pearson) on the checkpoint, by certify.py: the same
-    command a user would type. certify.tsv is started afresh when the checkpoint has changed."""
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "certify.py"), ckpt_path,
-           "--data-dir", cfg.data_dir, "--device", cfg.device, "--n0", str(cfg.cert_n0), "--n", str(cfg.cert_n),
-           "--alpha", str(cfg.cert_alpha), "--skip", str(cfg.cert_skip), "--max", str(cfg.cert_max),
-           "--out", os.path.join(cfg.out_dir, "certify.tsv"), "--seed", str(cfg.seed), "--overwrite"]
-    cmd += ["--batch", str(cfg.cert_batch)] * (cfg.cert_batch > 0) + ["--fp32"] * cfg.fp32
-    print("+ python " + " ".join([os.path.relpath(cmd[1])] + cmd[2:]), flush=True)
-    if subprocess.run(cmd).returncode:
-        sys.exit(1)  # certify.py has said why
+def open_run(cfg, flags, resume, overwrite, ckpt_path, rank):
+    """(cfg, checkpoint or None): the saved run's settings and state on --resume, else a new run,
+    refused where it would replace a checkpoint without --overwrite. Rank 0 writes config.json."""
+    ckpt = None
+    if os.path.isdir(ckpt_path):
+        raise ValueError(f"{ckpt_path} is a folder, where the checkpoint goes; remove it or choose another --out-dir")
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise ValueError(f"--resume found no checkpoint at {ckpt_path}; check --out-dir")
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            saved = dict(ckpt["config"])
+        except Exception:
+            raise ValueError(f"{ckpt_path} is not a readable train.py checkpoint; delete it or pick another --out-dir") from None
+        cfg = resumed_config(saved, {**flags, "out_dir": cfg.out_dir}, ckpt["epoch"])
+    elif os.path.exists(ckpt_path) and not overwrite:
+        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, "
+                         "or another --out-dir")
+    if rank == 0:  # fail now, not after the first epoch
+        try:
+            data.atomic_write(os.path.join(cfg.out_dir, "config.json"),
+                              lambda p: json.dump(dataclasses.asdict(cfg), open(p, "w"), indent=1))
+        except OSError as e:
+            raise ValueError(f"cannot write to --out-dir {cfg.out_dir} ({e.strerror}); choose a writable folder") from None
+    return cfg, ckpt
+
+
+def load_train_set(cfg, device, ddp):
+    """A small dataset whole on the device; ImageNet through a DataLoader (sharded under DDP)."""
+    train_set = data.load_dataset(cfg.dataset, cfg.data_dir, train=True)
+    if isinstance(train_set, data.TensorImages):
+        N = cfg.train_subset or len(train_set)
+        return data.TensorImages(train_set.x[:N].to(device), train_set.y[:N].to(device))
+    sampler = torch.utils.data.DistributedSampler(train_set, seed=cfg.seed, drop_last=True) if ddp else None
+    return torch.utils.data.DataLoader(train_set, cfg.batch, shuffle=sampler is None, sampler=sampler,
+                                       num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True)
+
+
+def build(cfg, device, ckpt, rank):
+    """The model on its fast path, SGD and the step schedule, restored from ckpt if given."""
+    model = models.get_model(cfg.dataset, arch=cfg.arch).to(device)
+    model, autocast, precision = models.fast_path(model, device, "bf16" if cfg.bf16 else "fp32" if cfg.fp32 else "auto")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.1 ** sum(epoch >= m for m in cfg.milestones))
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise ValueError(f"the checkpoint in {cfg.out_dir} does not fit {cfg.arch}; it was saved by another "
+                             "network: start a new run in another --out-dir") from None
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        rng_cpu, rng_cuda = ckpt["rng"][rank % len(ckpt["rng"])]
+        torch.set_rng_state(rng_cpu)
+        if device.type == "cuda" and rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda, device)
+    return model, opt, sched, autocast, precision
+
+
+def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precision, device, rank, world):
+    """Every rank's RNG state (a resumed DDP run draws the same noise) and rank 0's model,
+    optimizer and schedule, written atomically by rank 0."""
+    rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
+    if world > 1:
+        mine, rng = rng[0], [None] * world
+        dist.all_gather_object(rng, mine)
+    if rank != 0:
+        return
+    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch,
+                 rng=rng, train_seconds=seconds,
+                 config=dict(dataclasses.asdict(cfg), precision=precision, device_name=models.device_name(device)))
+    try:
+        data.atomic_write(path, lambda p: torch.save(state, p))
+    except OSError as e:
+        raise ValueError(f"could not write {path} ({e.strerror}); make room, then --resume from the last checkpoint") from None
+
+
+def certify_checkpoint(cfg, ckpt_path, rank, world):
+    """Cohen et al.'s protocol (Hard-RS, Clopper-Pearson) on the checkpoint, by certify.py's own
+    command line, in every process of a torchrun launch. certify.tsv starts afresh when the
+    checkpoint has changed."""
+    argv = [ckpt_path, "--data-dir", cfg.data_dir, "--device", cfg.device, "--n0", str(cfg.cert_n0), "--n", str(cfg.cert_n),
+            "--alpha", str(cfg.cert_alpha), "--skip", str(cfg.cert_skip), "--max", str(cfg.cert_max),
+            "--out", os.path.join(cfg.out_dir, "certify.tsv"), "--seed", str(cfg.seed), "--overwrite"]
+    argv += ["--batch", str(cfg.cert_batch)] * (cfg.cert_batch > 0) + ["--fp32"] * cfg.fp32 + ["--bf16"] * cfg.bf16
+    if rank == 0:
+        launcher = f"torchrun --nproc_per_node {world} --" if world > 1 else "python"
+        print(f"+ {launcher} certify.py " + " ".join(argv), flush=True)
+    certify.main(argv)
 
 
 if __name__ == "__main__":
