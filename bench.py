@@ -198,9 +198,9 @@ def layout_and_precision(device, n, repeats):
     as_nchw = lambda batch: nchw(batch.contiguous())  # undoes Smooth's channels_last batches
     smooth = {name: certify.Smooth(m, 10, SIGMA, device=device, bf16=bf16)
               for name, m, bf16 in (("nchw", as_nchw, False), ("cl", cl, False), ("bf16", cl, True))}
-    run = lambda name: lambda: smooth[name].certify(x, N0, n, ALPHA, 400)
-    t_cl, t_nchw = alternate(run("cl"), run("nchw"), device, repeats)
-    t_bf16, t_fp32 = alternate(run("bf16"), run("cl"), device, repeats)
+    certify_with = lambda name: lambda: smooth[name].certify(x, N0, n, ALPHA, 400)
+    t_cl, t_nchw = alternate(certify_with("cl"), certify_with("nchw"), device, repeats)
+    t_bf16, t_fp32 = alternate(certify_with("bf16"), certify_with("cl"), device, repeats)
     return [row(f"3d. LeNet certify n={n:,}: channels_last / NCHW", rate(t_cl), rate(t_nchw), "/s", "> 1.0x",
                 note="fp32, batch 400"),
             row(f"3e. LeNet certify n={n:,}: bf16 / fp32", rate(t_bf16), rate(t_fp32), "/s", "> 1.0x where bf16 pays",

@@ -4,10 +4,9 @@ The smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I)
 around x with radius sigma * PhiInv(p_A_low), where p_A_low is a 1 - alpha lower confidence bound
 on the top class's probability (Theorem 1; Eq. 20 for Soft-RS, with z = softmax(beta * u)).
 
-As a library:   Smooth(model, num_classes=10, sigma=0.25).certify(x, n0=100, n=100_000, alpha=0.001, batch_size=400)
-As a tool:      python certify.py CHECKPOINT [--n 100000] [--bound bernstein] [--out results.tsv]
-                torchrun --standalone --nproc_per_node 4 -- certify.py CHECKPOINT ...   (one shard per process)
-                python certify.py --compare A.tsv B.tsv [A2.tsv B2.tsv ...]
+    Smooth(model, num_classes=10, sigma=0.25).certify(x, n0=100, n=100_000, alpha=0.001, batch_size=400)
+
+The paper ends at summarize(); the command line (python certify.py --help) follows it.
 """
 import argparse
 import contextlib
@@ -190,7 +189,7 @@ class Smooth:
         """A classifier's RuntimeError, with what to do: lower the batch when out of memory, check
         the input's shape when the network rejected it; any other error as it was."""
         if out_of_memory(error):
-            return MemoryError(f"out of memory on a batch of {len(batch)} noisy samples: lower batch_size (--batch)")
+            return MemoryError(f"out of memory on a batch of {len(batch)} noisy samples: lower batch_size")
         if any(w in str(error).lower() for w in ("shape", "size", "dimension", "expected")):
             return ValueError(f"the base classifier failed on a batch of shape {tuple(batch.shape)} "
                               f"({str(error).strip().splitlines()[0][:200]}): {self._shape_hint(batch[0])}")
@@ -313,8 +312,10 @@ def check_args(a):
 def main(argv=None):
     try:
         run(parse_args(argv))
-    except (ValueError, MemoryError) as e:
+    except ValueError as e:
         sys.exit(f"error: {str(e).rstrip('.')}.")
+    except MemoryError as e:
+        sys.exit(f"error: {e} (--batch).")
     except BrokenPipeError:  # `certify.py --compare A B | head -1`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

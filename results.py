@@ -176,10 +176,13 @@ def _continue(f, path, settings, indices, check, overwrite, log):
         log(f"starting {path} afresh: {why}")
         f.truncate(0)
         text, rows, todo = "", [], list(indices)
-    if todo:
-        if not text:
+    try:
+        if todo and not text:
             append_line(f.fileno(), HEADER + "\n")
-        data.atomic_write(settings_path(path), lambda p: json.dump(settings, open(p, "w"), indent=1))
+        if todo:
+            data.atomic_write(settings_path(path), lambda p: json.dump(settings, open(p, "w"), indent=1))
+    except OSError as e:
+        raise ValueError(f"could not write {path} or its settings record ({e.strerror}); make room and rerun") from None
     return f, rows, todo
 
 

@@ -837,6 +837,24 @@ def test_certify_records_every_fact_a_row_depends_on(lenet_ckpt, tiny_fmnist, tm
     assert len(results.read_tsv(str(tmp_path / "s.tsv"))) == 2
 
 
+def test_a_full_disk_while_certifying_is_one_line_and_the_rows_so_far_stay(lenet_ckpt, tiny_fmnist, tmp_path, monkeypatch):
+    out = tmp_path / "full.tsv"
+    base = [lenet_ckpt, "--data-dir", tiny_fmnist, "--out", str(out), "--n", "50", "--skip", "10", "--max", "4"]
+    written = []
+
+    def fills_up(fd, line):
+        if len(written) == 3:  # the header and two rows fit
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(line)
+        os.write(fd, line.encode())
+    monkeypatch.setattr(results, "append_line", fills_up)
+    assert "No space left on device" in one_line_error(certify.main, base)
+    assert [r["idx"] for r in results.read_tsv(str(out))] == [0, 10]
+    monkeypatch.undo()
+    certify.main(base)  # room again: the rerun certifies the two that are missing
+    assert [r["idx"] for r in results.read_tsv(str(out))] == [0, 10, 20, 30]
+
+
 def test_a_closed_pipe_ends_compare_quietly(tmp_path):
     write_tsv(tmp_path / "a.tsv", [(i, 1, 1, 0.5) for i in range(20)])
     p = subprocess.Popen([sys.executable, "certify.py", "--compare", str(tmp_path / "a.tsv"), str(tmp_path / "a.tsv")],
