@@ -1,7 +1,7 @@
 """The datasets: one table of per-dataset facts, and readers for their on-disk formats (MNIST's IDX,
 CIFAR-10's python batches, SVHN's .mat, an ImageFolder for ImageNet). Images come out in [0, 1]
 pixel space, where the noise of randomized smoothing lives. train.py and certify.py both read data
-through this file, so neither imports the other.
+through this file.
 """
 import gzip
 import hashlib
