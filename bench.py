@@ -3,7 +3,7 @@
 1. Loss overhead: one MACER training step (n = 64 inputs x k = 16 Gaussian copies -> model ->
    macer_loss -> backward -> SGD) over one cross-entropy step on the same 1024 noisy images, same
    model, on the device's default path. LeNet and ResNet-110 (ResNet-20 with --quick on CPU).
-2. Training, bf16 / fp32: train.train_one_epoch over the same 6,400 Fashion-MNIST-size images
+2. Training, bf16 / fp32: train.train_one_epoch over the same 6,400 (--quick: 1,600) Fashion-MNIST-size images
    (LeNet, MACER, k = 16), under bf16 autocast against fp32, both channels_last: whether bf16 pays
    here (models.bf16_pays makes it the default only on CUDA and on CPUs with AMX).
 3. Certification: (b) noisy samples/s at the default batch against the best of a grid, per
@@ -355,7 +355,7 @@ def main():
     # and certify.py meet (after the ResNet steps of 1, glibc serves large blocks without page
     # faults, and fp32 LeNet steps run up to 1.5x faster than in a fresh process).
     print("2. training, bf16 / fp32", flush=True)
-    rows.append(training(device, 6400 if not cuda else 64_000, 1 if a.quick else 3))
+    rows.append(training(device, 64_000 if cuda else 1600 if a.quick else 6400, 1 if a.quick else 3))
     print("3. certification", flush=True)
     rows.append(batch_sweep("LeNet", "fashion-mnist", "lenet", device, 4000 if not cuda else 100_000,
                             [100, 200, 400, 1000, 4000] if not cuda else [1000, 4000, 10_000, 25_000]))
