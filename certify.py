@@ -334,6 +334,8 @@ def run(a):
     if world > 1 and a.device == "cuda":
         a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = models.check_device(a.device)
+    if world > 1 and device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     try:
         model, cfg = models.load_checkpoint(a.checkpoint, dataset=a.dataset, arch=a.arch,
                                             normalize=False if a.no_normalize else None)

@@ -216,6 +216,7 @@ def run(cfg, flags, resume, overwrite):
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(days=7))
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(cfg.device)  # NCCL's object collectives use the current device
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     folder_lock = None
     try:
