@@ -350,8 +350,12 @@ def run(a):
         indices = list(range(a.start, len(test_set), a.skip or facts.skip))[: a.max or facts.max]
         out = a.out or os.path.splitext(a.checkpoint)[0] + f"_{a.bound}_n{a.n}.tsv"
         smooth = Smooth(model, facts.classes, sigma, beta, device=device, bf16=precision == "bf16")
-        settings = settings_of(a, cfg, sigma, beta, precision, a.batch or models.default_batch(cfg["arch"], device),
-                               test_set, device)
+        with open(a.checkpoint, "rb") as f:  # the record of this run: results.MEANING and results.DRAW
+            settings = dict(checkpoint_sha256=hashlib.sha256(f.read()).hexdigest(), dataset=cfg["dataset"],
+                            test_set_sha256=data.fingerprint(test_set), normalize=bool(cfg["normalize"]), sigma=sigma,
+                            beta=beta if a.bound != "clopper-pearson" else None, n0=a.n0, n=a.n, alpha=a.alpha,
+                            bound=a.bound, precision=precision, seed=a.seed, noise=results.NOISE,
+                            batch=a.batch or models.default_batch(cfg["arch"], device), noise_device=device.type)
         if rank == 0:
             print(f"certifying {len(indices)} {cfg['dataset']} test images: {cfg['arch']}, sigma {sigma}, n0 {a.n0}, "
                   f"n {a.n}, alpha {a.alpha}, {a.bound}, {device} {precision}, {world} process(es) -> {out}", flush=True)
@@ -361,17 +365,6 @@ def run(a):
             dist.destroy_process_group()
     if rank == 0:
         report(summary, out, a, cfg, settings)
-
-
-def settings_of(a, cfg, sigma, beta, precision, batch, test_set, device):
-    """The record of this run (results.MEANING and results.DRAW), from its arguments and checkpoint."""
-    import results
-    with open(a.checkpoint, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
-    return dict(checkpoint_sha256=sha, dataset=cfg["dataset"], test_set_sha256=data.fingerprint(test_set),
-                normalize=bool(cfg["normalize"]), sigma=sigma, beta=beta if a.bound != "clopper-pearson" else None,
-                n0=a.n0, n=a.n, alpha=a.alpha, bound=a.bound, precision=precision,
-                seed=a.seed, noise=results.NOISE, batch=batch, noise_device=torch.device(device).type)
 
 
 def report(summary, out, a, cfg, settings):
