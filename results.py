@@ -42,8 +42,7 @@ def settings_path(tsv_path):
 
 
 def read_settings(tsv_path, strict=True):
-    """The settings record beside a results file, None if there is none (or, unless strict, if it
-    is unreadable); ValueError if it is unreadable."""
+    """The settings record beside a results file; None if there is none; if unreadable, ValueError (None if not strict)."""
     path = settings_path(tsv_path)
     try:
         with open(path) as f:
