@@ -20,7 +20,7 @@
 A and B are timed alternately (A, B, A, B, ...) after a warm-up, so drift in the machine's speed
 reaches both alike and cancels in the ratio; each figure is a median.
 
-    python bench.py --quick                       # CPU-sized: a few minutes on 2 cores
+    python bench.py --quick                       # CPU-sized: minutes on 2 cores (results/README.md)
     python bench.py --json results/bench.json     # full sizes, on the GPU if there is one
 """
 import argparse
@@ -348,8 +348,8 @@ def main():
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     repeats = 3 if a.quick else 5
-    # A ResNet-110 step (1,024 images, forward and backward) takes about 20 s on 2 idle CPU cores and
-    # a ResNet-20 step about 4 s, so --quick there uses ResNet-20, and stays under 3 minutes.
+    # ResNet-110 has about 5x the layers of ResNet-20, whose step (1,024 images, forward and backward)
+    # already takes seconds on 2 CPU cores (row 1 in results/README.md): --quick there uses ResNet-20.
     small = a.quick and not cuda
     resnet, resnet_repeats = ("resnet20", 5) if small else ("resnet110", repeats)
     info = dict(device=models.device_name(device), torch=torch.__version__,

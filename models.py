@@ -168,10 +168,10 @@ def bf16_pays(device_type, flags=None):
 
 
 def fast_path(model, device, precision="auto", flags=None):
-    """The model in channels_last (in fp32 too: LeNet certification on a CPU runs 2.2x the samples/s
-    of NCHW, bench.py row 3d), and an autocast context for its forward passes: bf16 if precision is
-    "bf16", or "auto" where bf16_pays(device, flags); else fp32. The logits stay float32 either way
-    (LogitLinear). Returns (model, autocast, "bf16" or "fp32")."""
+    """The model in channels_last (in fp32 too: LeNet certification ran 1.7x and 2.2x the samples/s of
+    NCHW on an AMD EPYC and a Xeon, bench.py row 3d), and an autocast context for its forward
+    passes: bf16 if precision is "bf16", or "auto" where bf16_pays(device, flags); else fp32. The
+    logits stay float32 either way (LogitLinear). Returns (model, autocast, "bf16" or "fp32")."""
     device = torch.device(device)
     bf16 = precision == "bf16" or (precision == "auto" and bf16_pays(device.type, flags))
     model = model.to(memory_format=torch.channels_last)
@@ -179,9 +179,10 @@ def fast_path(model, device, precision="auto", flags=None):
 
 
 def default_batch(arch, device):
-    """Noisy samples per forward pass. On a CPU, 400 (100 for ResNet-50) is within a few percent of
-    the best that bench.py measured for LeNet and ResNet-20. On a GPU, 10,000 (400 for ResNet-50)
-    is a guess until bench.py runs on one."""
+    """Noisy samples per forward pass. On a CPU, 400 (100 for ResNet-50): the best of bench.py's grid
+    for LeNet on a Xeon and on an AMD EPYC; for ResNet-20, 0.95x the best (200) on the Xeon and 0.77x
+    the best (100) on the EPYC (results/README.md). On a GPU, 10,000 (400 for ResNet-50) is a guess
+    until bench.py runs on one."""
     if torch.device(device).type == "cuda":
         return 400 if arch == "resnet50" else 10_000
     return 100 if arch == "resnet50" else 400
