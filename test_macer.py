@@ -373,6 +373,7 @@ def test_proposition1_bounded_gradient_of_clipped_xi(K, log_w, gamma, seed):
        margin=st.floats(0.0, 8.0), beta=st.sampled_from([1.0, 4.0, 16.0]), gamma=st.floats(0.5, 8.0),
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2 ** 31))
 @example(n=1, k=1, K=2, scale=0.01, margin=6.0, beta=16.0, gamma=8.0, dtype=torch.float32, seed=0)  # 1 - z_y = 2e-42
+@example(n=1, k=1, K=2, scale=1e-4, margin=0.0, beta=16.0, gamma=0.5, dtype=torch.float64, seed=0)  # near a tie: 0.88 of the bound; beta twice: 14x
 def test_proposition1_bounds_the_hinge_gradient_in_the_logits(n, k, K, scale, margin, beta, gamma, dtype, seed):
     """What training relies on: through z_hat = (1/k) sum_j softmax(beta u_j), the gradient of input
     i's hinge in the logits of its copy j is bounded, |d hinge_i / d u_ij|_1 <= beta/(2k) (B_1 + B_2),
