@@ -229,12 +229,12 @@ def ceiling(device, repeats):
     flops = counter.get_total_flops()
     seconds = statistics.median(clock(step, device) for _ in range(repeats))
     native_bf16 = device.type == "cuda" or bool({"avx512_bf16", "amx_bf16"} & models.cpu_flags())
-    fp32 = matmul_rate(device, torch.float32)
-    bf16 = matmul_rate(device, torch.bfloat16) if native_bf16 else None
+    fp32 = matmul_rate(device, torch.float32) / 1e9  # GFLOP/s
+    bf16 = matmul_rate(device, torch.bfloat16) / 1e9 if native_bf16 else None
     peak = bf16 if precision == "bf16" else fp32
-    return [row("4. matmul 2048: bf16 / fp32", bf16 and bf16 / 1e9, fp32 / 1e9, "GFLOP/s", "-",
+    return [row("4. matmul 2048: bf16 / fp32", bf16, fp32, "GFLOP/s", "-",
                 note="" if native_bf16 else "no bf16 instructions: bf16 not timed"),
-            row(f"4. LeNet MACER step / {precision} matmul", flops / seconds / 1e9, peak / 1e9, "GFLOP/s", "-",
+            row(f"4. LeNet MACER step / {precision} matmul", flops / seconds / 1e9, peak, "GFLOP/s", "-",
                 note=f"{precision}; {flops / 1e9:.1f} GFLOP per step")]
 
 
