@@ -54,8 +54,14 @@ def train_one_epoch(model, opt, batches, cfg, lbd, autocast, log):
 
 
 def epoch_lambda(cfg, epoch):
-    """Footnote 5: with dynamic lambda, train with lambda = 0 until the first lr decay."""
-    return 0.0 if cfg.dynamic_lbd and epoch < (cfg.milestones or [0])[0] else cfg.lbd
+    """Footnote 5: with dynamic lambda, train with lambda = 0 until the first lr decay, which
+    lr_schedule makes at epoch milestones[0] (check_config: increasing, and given)."""
+    return 0.0 if cfg.dynamic_lbd and epoch < cfg.milestones[0] else cfg.lbd
+
+
+def lr_schedule(opt, milestones):
+    """The lr times 0.1 at each milestone epoch (the scheduler steps after each epoch)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.1 ** sum(epoch >= m for m in milestones))
 
 
 def log_stats(stats, head, log):
@@ -160,6 +166,10 @@ def check_config(cfg):
         *[(n, getattr(cfg, n), ">= 0", getattr(cfg, n) >= 0) for n in ("cert_max", "cert_batch")],
         *[("milestones", m, ">= 1", m >= 1) for m in cfg.milestones]]
         if not (ok and (not isinstance(v, float) or math.isfinite(v)))]
+    if list(cfg.milestones) != sorted(set(cfg.milestones)):
+        bad.append(f"--milestones must be increasing epochs (got {' '.join(map(str, cfg.milestones))})")
+    if cfg.dynamic_lbd and not cfg.milestones:
+        bad.append("--dynamic-lbd 1 waits for the first lr decay: give --milestones, or --dynamic-lbd 0")
     if cfg.fp32 and cfg.bf16:
         bad.append("--fp32 and --bf16 contradict each other; give at most one")
     if bad:
@@ -330,7 +340,7 @@ def build(cfg, device, ckpt, rank):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.1 ** sum(epoch >= m for m in cfg.milestones))
+    sched = lr_schedule(opt, cfg.milestones)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -354,6 +364,7 @@ def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precision, dev
         mine, rng = rng[0], [None] * world
         dist.all_gather_object(rng, mine)
     if rank != 0:
+        dist.barrier()  # rank 0 is writing the checkpoint that certification will read
         return
     state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch,
                  rng=rng, train_seconds=seconds,
@@ -362,6 +373,8 @@ def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precision, dev
         data.atomic_write(path, lambda p: torch.save(state, p))
     except OSError as e:
         raise ValueError(f"could not write {path} ({e.strerror}); make room, then --resume from the last checkpoint") from None
+    if world > 1:
+        dist.barrier()
 
 
 def certify_checkpoint(cfg, ckpt_path, rank, world):
