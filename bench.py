@@ -23,6 +23,7 @@ reaches both alike and cancels in the ratio; each figure is a median.
     python bench.py --quick                       # CPU-sized: minutes on 2 cores (results/README.md)
     python bench.py --json results/bench.json     # full sizes, on the GPU if there is one
 """
+
 import argparse
 import copy
 import datetime
@@ -81,7 +82,9 @@ def row(name, a, b, unit, target, note=""):
 def train_step(model, opt, x, y, loss, fast, noise=None, targets=None):
     """One step on the K noisy copies of each of the len(x) inputs. No .item(): nothing in a step
     waits for the device. targets: y repeated per copy, for the cross-entropy step."""
-    x_noisy = noisy_copies(x, K, SIGMA, noise).contiguous(memory_format=torch.channels_last)  # (n*K, C, H, W)
+    x_noisy = noisy_copies(x, K, SIGMA, noise).contiguous(
+        memory_format=torch.channels_last
+    )  # (n*K, C, H, W)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=fast):
         logits = model(x_noisy)
     if loss == "macer":  # macer_loss computes in float32 whatever autocast chose
@@ -109,7 +112,14 @@ def loss_overhead(label, dataset, arch, device, repeats, iters, compile, note=""
     macer = lambda: [train_step(net, opt, x, y, "macer", fast, noise) for _ in range(iters)]
     ce = lambda: [train_step(net, opt, x, y, "ce", fast, noise, targets) for _ in range(iters)]
     t_macer, t_ce = alternate(macer, ce, device, repeats)
-    return row(f"1. {label} step: MACER / CE", t_macer / iters, t_ce / iters, "s", "<= 1.05x", note=f"{precision}. {note}")
+    return row(
+        f"1. {label} step: MACER / CE",
+        t_macer / iters,
+        t_ce / iters,
+        "s",
+        "<= 1.05x",
+        note=f"{precision}. {note}",
+    )
 
 
 # ---------------------------------------------------------------- 2. training, bf16 / fp32
@@ -119,26 +129,36 @@ def training(device, images, repeats):
     models.bf16_pays decides for the device's kind."""
     cfg = train.recipe("fashion-mnist", SIGMA, "macer")
     g = torch.Generator().manual_seed(0)
-    images = data.TensorImages(torch.randint(0, 256, (images, 1, 28, 28), dtype=torch.uint8, generator=g).to(device),
-                               torch.randint(0, 10, (images,), generator=g).to(device))
+    images = data.TensorImages(
+        torch.randint(0, 256, (images, 1, 28, 28), dtype=torch.uint8, generator=g).to(device),
+        torch.randint(0, 10, (images,), generator=g).to(device),
+    )
     init = models.get_model("fashion-mnist").to(device).state_dict()
 
     def epoch(fp32, images=images):
         model = models.get_model("fashion-mnist").to(device)
         model.load_state_dict(init)
         model, autocast, precision = models.fast_path(model, device, "fp32" if fp32 else "bf16")
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         batches = data.batches(images, N, 0, 0, False, device)
         return lambda: train.train_one_epoch(model, opt, batches, cfg, LBD, autocast, print)
 
-    warm = data.TensorImages(images.x[:4 * N], images.y[:4 * N])
+    warm = data.TensorImages(images.x[: 4 * N], images.y[: 4 * N])
     for fp32 in (False, True):  # warm-up on a few steps: the full-size A and B alternate below
         epoch(fp32, warm)()
     times = [(clock(epoch(False), device), clock(epoch(True), device)) for _ in range(repeats)]
     t_fast, t_fp32 = statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
     default = models.fast_path(torch.nn.Identity(), device)[2]
-    return row(f"2. LeNet training {len(images):,} images: bf16 / fp32", t_fast, t_fp32, "s", "< 1.0x where bf16 pays",
-               note=f"{len(images) / t_fast:.0f} against {len(images) / t_fp32:.0f} img/s; the default here: {default}")
+    return row(
+        f"2. LeNet training {len(images):,} images: bf16 / fp32",
+        t_fast,
+        t_fp32,
+        "s",
+        "< 1.0x where bf16 pays",
+        note=f"{len(images) / t_fast:.0f} against {len(images) / t_fp32:.0f} img/s; the default here: {default}",
+    )
 
 
 # ---------------------------------------------------------------- 3. certification
@@ -146,22 +166,34 @@ def training(device, images, repeats):
 def batch_sweep(label, dataset, arch, device, n, grid):
     """3b: noisy samples/s of the default certification batch (A) and of the best in `grid` (B)."""
     torch.manual_seed(0)
-    model, _, precision = models.fast_path(models.get_model(dataset, arch=arch).to(device).eval(), device)
+    model, _, precision = models.fast_path(
+        models.get_model(dataset, arch=arch).to(device).eval(), device
+    )
     smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
     x = torch.rand(*data.DATASETS[dataset].shape, device=device)
     default = models.default_batch(arch, device)
     rate = {}
     for b in sorted(set(grid) | {default}):
         smooth.certify(x, 1, b, ALPHA, b)  # warm-up at this shape
-        rate[b] = (1 + n) / statistics.median(clock(lambda: smooth.certify(x, 1, n, ALPHA, b), device) for _ in range(3))
+        rate[b] = (1 + n) / statistics.median(
+            clock(lambda: smooth.certify(x, 1, n, ALPHA, b), device) for _ in range(3)
+        )
     best = max(rate, key=rate.get)
-    return row(f"3b. {label} certify samples/s: default / best", rate[default], rate[best], "/s", "~1.0x",
-               note=f"{precision}; default {default}, best {best}; " + ", ".join(f"{b}: {r:,.0f}" for b, r in rate.items()))
+    return row(
+        f"3b. {label} certify samples/s: default / best",
+        rate[default],
+        rate[best],
+        "/s",
+        "~1.0x",
+        note=f"{precision}; default {default}, best {best}; "
+        + ", ".join(f"{b}: {r:,.0f}" for b, r in rate.items()),
+    )
 
 
 def naive_certify(model, x, n0, n, alpha, batch_size=400):
     """Cohen et al.'s CERTIFY as in locuslab/smoothing: fp32, x.repeat per batch, one host copy
     per batch and the predictions counted one by one in Python (_sample_noise, _count_arr)."""
+
     def sample(num):
         counts = np.zeros(10, dtype=int)
         for start in range(0, num, batch_size):
@@ -170,6 +202,7 @@ def naive_certify(model, x, n0, n, alpha, batch_size=400):
             for p in predictions.cpu().numpy():
                 counts[p] += 1
         return counts
+
     c_A = int(sample(n0).argmax())
     return c_A, certify.radius(certify.clopper_pearson_lower(int(sample(n)[c_A]), n, alpha), SIGMA)
 
@@ -181,10 +214,20 @@ def against_naive(device, n, repeats):
     model = models.get_model("fashion-mnist").to(device).eval()
     x = torch.rand(1, 28, 28, device=device)
     smooth = certify.Smooth(model, 10, SIGMA, device=device)
-    t_smooth, t_naive = alternate(lambda: smooth.certify(x, N0, n, ALPHA, 400),
-                                lambda: naive_certify(model, x, N0, n, ALPHA), device, repeats)
-    return row(f"3c. LeNet certify n={n:,}: Smooth / naive", (N0 + n) / t_smooth, (N0 + n) / t_naive, "/s",
-               ">= 1.0x (CPU), >= 5x (GPU)", note="both fp32, batch 400")
+    t_smooth, t_naive = alternate(
+        lambda: smooth.certify(x, N0, n, ALPHA, 400),
+        lambda: naive_certify(model, x, N0, n, ALPHA),
+        device,
+        repeats,
+    )
+    return row(
+        f"3c. LeNet certify n={n:,}: Smooth / naive",
+        (N0 + n) / t_smooth,
+        (N0 + n) / t_naive,
+        "/s",
+        ">= 1.0x (CPU), >= 5x (GPU)",
+        note="both fp32, batch 400",
+    )
 
 
 @torch.inference_mode()
@@ -197,15 +240,31 @@ def layout_and_precision(device, n, repeats):
     x = torch.rand(1, 28, 28, device=device)
     rate = lambda t: (N0 + n) / t
     as_nchw = lambda batch: nchw(batch.contiguous())  # undoes Smooth's channels_last batches
-    smooth = {name: certify.Smooth(m, 10, SIGMA, device=device, bf16=bf16)
-              for name, m, bf16 in (("nchw", as_nchw, False), ("cl", cl, False), ("bf16", cl, True))}
+    smooth = {
+        name: certify.Smooth(m, 10, SIGMA, device=device, bf16=bf16)
+        for name, m, bf16 in (("nchw", as_nchw, False), ("cl", cl, False), ("bf16", cl, True))
+    }
     certify_with = lambda name: lambda: smooth[name].certify(x, N0, n, ALPHA, 400)
     t_cl, t_nchw = alternate(certify_with("cl"), certify_with("nchw"), device, repeats)
     t_bf16, t_fp32 = alternate(certify_with("bf16"), certify_with("cl"), device, repeats)
-    return [row(f"3d. LeNet certify n={n:,}: channels_last / NCHW", rate(t_cl), rate(t_nchw), "/s", "> 1.0x",
-                note="fp32, batch 400"),
-            row(f"3e. LeNet certify n={n:,}: bf16 / fp32", rate(t_bf16), rate(t_fp32), "/s", "> 1.0x where bf16 pays",
-                note="both channels_last, batch 400")]
+    return [
+        row(
+            f"3d. LeNet certify n={n:,}: channels_last / NCHW",
+            rate(t_cl),
+            rate(t_nchw),
+            "/s",
+            "> 1.0x",
+            note="fp32, batch 400",
+        ),
+        row(
+            f"3e. LeNet certify n={n:,}: bf16 / fp32",
+            rate(t_bf16),
+            rate(t_fp32),
+            "/s",
+            "> 1.0x where bf16 pays",
+            note="both channels_last, batch 400",
+        ),
+    ]
 
 
 # ---------------------------------------------------------------- 4. the machine's ceiling
@@ -213,14 +272,16 @@ def matmul_rate(device, dtype, size=2048, repeats=5):
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
-    return 2 * size ** 3 / statistics.median(clock(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * size**3 / statistics.median(clock(lambda: a @ b, device) for _ in range(repeats))
 
 
 def ceiling(device, repeats):
     """GFLOP/s of a LeNet MACER training step on the fast path, against the matmul rate of its
     precision. The bf16 matmul is timed only where the hardware has bf16 (CUDA, AVX-512 BF16, AMX):
     emulated, a 2048 x 2048 product takes a minute."""
-    model, autocast, precision = models.fast_path(models.get_model("fashion-mnist").to(device), device)
+    model, autocast, precision = models.fast_path(
+        models.get_model("fashion-mnist").to(device), device
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.rand(N, 1, 28, 28, device=device), torch.randint(0, 10, (N,), device=device)
     step = lambda: train_step(model, opt, x, y, "macer", precision == "bf16")
@@ -232,10 +293,24 @@ def ceiling(device, repeats):
     fp32 = matmul_rate(device, torch.float32) / 1e9  # GFLOP/s
     bf16 = matmul_rate(device, torch.bfloat16) / 1e9 if native_bf16 else None
     peak = bf16 if precision == "bf16" else fp32
-    return [row("4. matmul 2048: bf16 / fp32", bf16, fp32, "GFLOP/s", "-",
-                note="" if native_bf16 else "no bf16 instructions: bf16 not timed"),
-            row(f"4. LeNet MACER step / {precision} matmul", flops / seconds / 1e9, peak, "GFLOP/s", "-",
-                note=f"{precision}; {flops / 1e9:.1f} GFLOP per step")]
+    return [
+        row(
+            "4. matmul 2048: bf16 / fp32",
+            bf16,
+            fp32,
+            "GFLOP/s",
+            "-",
+            note="" if native_bf16 else "no bf16 instructions: bf16 not timed",
+        ),
+        row(
+            f"4. LeNet MACER step / {precision} matmul",
+            flops / seconds / 1e9,
+            peak,
+            "GFLOP/s",
+            "-",
+            note=f"{precision}; {flops / 1e9:.1f} GFLOP per step",
+        ),
+    ]
 
 
 # ---------------------------------------------------------------- 5. GPU: epoch and certification
@@ -248,8 +323,10 @@ def epoch_time(device, arch, steps, repeats, compile):
     images_dev, labels_dev = images.to(device), labels.to(device)
     model_a = models.get_model("cifar10", arch=arch).to(device)
     model_b = copy.deepcopy(model_a).to(memory_format=torch.channels_last)
-    opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-                    for m in (model_a, model_b))
+    opt_a, opt_b = (
+        torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        for m in (model_a, model_b)
+    )
     net_b = torch.compile(model_b) if compile else model_b
 
     def eager_fp32():
@@ -267,8 +344,14 @@ def epoch_time(device, arch, steps, repeats, compile):
             train_step(net_b, opt_b, x, labels_dev[idx], "macer", fast=True)
 
     t_a, t_b = alternate(eager_fp32, fast, device, repeats)
-    return row(f"5a. {arch} epoch: fp32 / fast", t_a / steps * STEPS_PER_EPOCH, t_b / steps * STEPS_PER_EPOCH,
-               "s", "B <= 15 s (H100)", note=f"{steps} steps timed x{repeats}, extrapolated to {STEPS_PER_EPOCH}")
+    return row(
+        f"5a. {arch} epoch: fp32 / fast",
+        t_a / steps * STEPS_PER_EPOCH,
+        t_b / steps * STEPS_PER_EPOCH,
+        "s",
+        "B <= 15 s (H100)",
+        note=f"{steps} steps timed x{repeats}, extrapolated to {STEPS_PER_EPOCH}",
+    )
 
 
 @torch.inference_mode()
@@ -276,14 +359,24 @@ def certify_time(device, arch, n, inputs):
     """The time to certify 500 CIFAR-size inputs with certify.py's defaults, from `inputs` of them."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
-    model, _, precision = models.fast_path(models.get_model("cifar10", arch=arch).to(device).eval(), device)
+    model, _, precision = models.fast_path(
+        models.get_model("cifar10", arch=arch).to(device).eval(), device
+    )
     smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
     batch = models.default_batch(arch, device)
     xs = torch.rand(inputs, 3, 32, 32, device=device)
     smooth.certify(xs[0], N0, batch * 10, ALPHA, batch)  # warm-up
-    seconds = statistics.median(clock(lambda: smooth.certify(x, N0, n, ALPHA, batch), device) for x in xs)
-    return row(f"5b. {arch} certify 500 @ n={n:,}", None, seconds * 500, "s", "B <= 300 s (H100)",
-               note=f"{inputs} inputs timed, extrapolated to 500")
+    seconds = statistics.median(
+        clock(lambda: smooth.certify(x, N0, n, ALPHA, batch), device) for x in xs
+    )
+    return row(
+        f"5b. {arch} certify 500 @ n={n:,}",
+        None,
+        seconds * 500,
+        "s",
+        "B <= 300 s (H100)",
+        note=f"{inputs} inputs timed, extrapolated to 500",
+    )
 
 
 # ---------------------------------------------------------------- 6. certification across processes
@@ -295,8 +388,11 @@ def certify_worker(n, inputs):
     images if the data is absent) with the e10 LeNet (a fresh LeNet if absent), per-input noise as
     certify.py draws it. Returns (noisy samples/s, seconds per image)."""
     import results
+
     torch.set_num_threads(1)
-    model = models.load_checkpoint(E10)[0] if os.path.exists(E10) else models.get_model("fashion-mnist")
+    model = (
+        models.load_checkpoint(E10)[0] if os.path.exists(E10) else models.get_model("fashion-mnist")
+    )
     model, _, _ = models.fast_path(model.eval(), "cpu", "fp32")
     try:
         test_set = data.load_dataset("fashion-mnist", "data", train=False)
@@ -321,10 +417,24 @@ def processes(n, inputs):
     with pool(2) as p:
         two = p.starmap(certify_worker, [(n, inputs)] * 2)
     source = "e10 LeNet" if os.path.exists(E10) else "LeNet (untrained)"
-    return [row(f"6a. CPU certify n={n:,}: 2 processes / 1", sum(r for r, _ in two), one[0], "/s", ">= 1.7x",
-                note=f"{source}, 1 thread each; each of the two: {two[0][0]:,.0f} and {two[1][0]:,.0f} /s"),
-            row(f"6b. {source} one image at n={n:,}: 2 processes / 1", max(s for _, s in two), one[1], "s", "-",
-                note="seconds per image, fp32, batch 400")]
+    return [
+        row(
+            f"6a. CPU certify n={n:,}: 2 processes / 1",
+            sum(r for r, _ in two),
+            one[0],
+            "/s",
+            ">= 1.7x",
+            note=f"{source}, 1 thread each; each of the two: {two[0][0]:,.0f} and {two[1][0]:,.0f} /s",
+        ),
+        row(
+            f"6b. {source} one image at n={n:,}: 2 processes / 1",
+            max(s for _, s in two),
+            one[1],
+            "s",
+            "-",
+            note="seconds per image, fp32, batch 400",
+        ),
+    ]
 
 
 # ---------------------------------------------------------------- report
@@ -339,11 +449,17 @@ def fmt(v, unit):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes; ResNet-20 on CPU")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="fewer repeats and smaller sizes; ResNet-20 on CPU"
+    )
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models trained in 1 and 5a")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the models trained in 1 and 5a"
+    )
     a = p.parse_args()
     device = torch.device(a.device)
     cuda = device.type == "cuda"
@@ -352,8 +468,13 @@ def main():
     # already takes seconds on 2 CPU cores (row 1 in results/README.md): --quick there uses ResNet-20.
     small = a.quick and not cuda
     resnet, resnet_repeats = ("resnet20", 5) if small else ("resnet110", repeats)
-    info = dict(device=models.device_name(device), torch=torch.__version__,
-                date=datetime.datetime.now().isoformat(timespec="seconds"), quick=a.quick, compile=a.compile)
+    info = dict(
+        device=models.device_name(device),
+        torch=torch.__version__,
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        quick=a.quick,
+        compile=a.compile,
+    )
     print(" | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
 
     rows = []
@@ -361,19 +482,51 @@ def main():
     # and certify.py meet (after the ResNet steps of 1, glibc serves large blocks without page
     # faults, and fp32 LeNet steps run up to 1.5x faster than in a fresh process).
     print("2. training, bf16 / fp32", flush=True)
-    rows.append(training(device, 64_000 if cuda else 1600 if a.quick else 6400, 1 if a.quick else 3))
+    rows.append(
+        training(device, 64_000 if cuda else 1600 if a.quick else 6400, 1 if a.quick else 3)
+    )
     print("3. certification", flush=True)
-    rows.append(batch_sweep("LeNet", "fashion-mnist", "lenet", device, 4000 if not cuda else 100_000,
-                            [100, 200, 400, 1000, 4000] if not cuda else [1000, 4000, 10_000, 25_000]))
-    rows.append(batch_sweep(resnet, "cifar10", resnet, device, 800 if small else 4000 if not cuda else 100_000,
-                            [100, 200, 400, 1000] if not cuda else [1000, 4000, 10_000, 25_000]))
+    rows.append(
+        batch_sweep(
+            "LeNet",
+            "fashion-mnist",
+            "lenet",
+            device,
+            4000 if not cuda else 100_000,
+            [100, 200, 400, 1000, 4000] if not cuda else [1000, 4000, 10_000, 25_000],
+        )
+    )
+    rows.append(
+        batch_sweep(
+            resnet,
+            "cifar10",
+            resnet,
+            device,
+            800 if small else 4000 if not cuda else 100_000,
+            [100, 200, 400, 1000] if not cuda else [1000, 4000, 10_000, 25_000],
+        )
+    )
     rows.append(against_naive(device, 5_000 if a.quick else 20_000, repeats))
     rows.extend(layout_and_precision(device, 5_000 if a.quick else 20_000, repeats))
     print("1. loss overhead", flush=True)
     # LeNet steps are cheap, so they get two more repeats; on a GPU one timing spans several steps.
-    rows.append(loss_overhead("LeNet", "fashion-mnist", None, device, repeats + 2, 20 if cuda else 1, a.compile))
-    rows.append(loss_overhead(resnet, "cifar10", resnet, device, resnet_repeats, 5 if cuda else 1, a.compile,
-                              note="ResNet-20 stands in for ResNet-110 (--quick on CPU)" if small else ""))
+    rows.append(
+        loss_overhead(
+            "LeNet", "fashion-mnist", None, device, repeats + 2, 20 if cuda else 1, a.compile
+        )
+    )
+    rows.append(
+        loss_overhead(
+            resnet,
+            "cifar10",
+            resnet,
+            device,
+            resnet_repeats,
+            5 if cuda else 1,
+            a.compile,
+            note="ResNet-20 stands in for ResNet-110 (--quick on CPU)" if small else "",
+        )
+    )
     print("4. the machine's ceiling", flush=True)
     rows.extend(ceiling(device, repeats))
     if not cuda:
@@ -387,10 +540,14 @@ def main():
     print(f"\n{'name':<40} {'A':>14} {'B':>14} {'ratio':>7}  target")
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
-        print(f"{r['name']:<40} {fmt(r['a'], r['unit']):>14} {fmt(r['b'], r['unit']):>14} {ratio:>7}  {r['target']}"
-              + (f"   [{r['note']}]" if r["note"] else ""))
+        print(
+            f"{r['name']:<40} {fmt(r['a'], r['unit']):>14} {fmt(r['b'], r['unit']):>14} {ratio:>7}  {r['target']}"
+            + (f"   [{r['note']}]" if r["note"] else "")
+        )
     if a.json:
-        data.atomic_write(a.json, lambda p: json.dump(dict(info, rows=rows), open(p, "w"), indent=1))
+        data.atomic_write(
+            a.json, json.dumps(dict(info, rows=rows), indent=1)
+        )
         print(f"wrote {a.json}")
 
 

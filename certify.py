@@ -8,10 +8,10 @@ on the top class's probability (Theorem 1; Eq. 20 for Soft-RS, with z = softmax(
 
 The paper ends at summarize(); the command line (python certify.py --help) follows it.
 """
+
 import argparse
 import contextlib
 import datetime
-import hashlib
 import math
 import os
 import sys
@@ -63,9 +63,11 @@ def radius(p_A_low, sigma, p_B_up=None):
 def largest_radius(sigma, n, alpha, bound):
     """The radius CERTIFY gives when all n samples agree (z_A = 1 for Soft-RS); None when even that
     abstains, so that no input can be certified with this n and alpha."""
-    p_A_low = {"clopper-pearson": lambda: clopper_pearson_lower(n, n, alpha),
-               "hoeffding": lambda: hoeffding_lower(1.0, n, alpha),
-               "bernstein": lambda: bernstein_lower(1.0, 0.0, n, alpha) if n >= 2 else 0.0}[bound]()
+    p_A_low = {
+        "clopper-pearson": lambda: clopper_pearson_lower(n, n, alpha),
+        "hoeffding": lambda: hoeffding_lower(1.0, n, alpha),
+        "bernstein": lambda: bernstein_lower(1.0, 0.0, n, alpha) if n >= 2 else 0.0,
+    }[bound]()
     return radius(p_A_low, sigma)
 
 
@@ -87,20 +89,37 @@ class Smooth:
                 raise ValueError(f"{name} must be a finite number > 0, not {v!r}")
         if not (isinstance(num_classes, int) and num_classes >= 2):
             raise ValueError(f"num_classes must be an integer >= 2, not {num_classes!r}")
-        self.base_classifier, self.num_classes, self.sigma, self.beta = base_classifier, num_classes, sigma, beta
-        tensors = [*base_classifier.parameters(), *base_classifier.buffers()] if hasattr(base_classifier, "parameters") else []
-        self.device = torch.device(device) if device is not None else tensors[0].device if tensors else None
+        self.base_classifier, self.num_classes, self.sigma, self.beta = (
+            base_classifier,
+            num_classes,
+            sigma,
+            beta,
+        )
+        tensors = (
+            [*base_classifier.parameters(), *base_classifier.buffers()]
+            if hasattr(base_classifier, "parameters")
+            else []
+        )
+        self.device = (
+            torch.device(device) if device is not None else tensors[0].device if tensors else None
+        )
         self.bf16 = bf16
 
     def predict(self, x, n, alpha, batch_size, generator=None):
         """Cohen et al.'s PREDICT: the top class of n samples, or ABSTAIN unless a two-sided
         binomial test says the top two counts differ at level alpha."""
         with self._evaluating(x, batch_size, alpha, n=n) as x:
-            counts = self._counts(x, n, batch_size, generator).tolist()  # counts <- SAMPLEUNDERNOISE(f, x, n, sigma)
+            counts = self._counts(
+                x, n, batch_size, generator
+            ).tolist()  # counts <- SAMPLEUNDERNOISE(f, x, n, sigma)
         self._warn_nonfinite(counts.pop(), n)
-        c_A, c_B = sorted(range(self.num_classes), key=lambda c: -counts[c])[:2]  # top two indices in counts
+        c_A, c_B = sorted(range(self.num_classes), key=lambda c: -counts[c])[
+            :2
+        ]  # top two indices in counts
         n_A, n_B = counts[c_A], counts[c_B]
-        if n_A > 0 and binomtest(n_A, n_A + n_B, 0.5).pvalue <= alpha:  # BINOMPVALUE(n_A, n_A + n_B, 0.5) <= alpha
+        if (
+            n_A > 0 and binomtest(n_A, n_A + n_B, 0.5).pvalue <= alpha
+        ):  # BINOMPVALUE(n_A, n_A + n_B, 0.5) <= alpha
             return c_A
         return Smooth.ABSTAIN
 
@@ -110,37 +129,61 @@ class Smooth:
         Algorithm 2, on z = softmax(beta * u). c_A is chosen from n0 selection samples; its
         probability is bounded from n fresh estimation samples, so the bound holds."""
         if bound not in BOUNDS:
-            raise ValueError(f"unknown bound {bound!r}: use clopper-pearson, hoeffding or bernstein")
+            raise ValueError(
+                f"unknown bound {bound!r}: use clopper-pearson, hoeffding or bernstein"
+            )
         if bound == "bernstein" and n < 2:
             raise ValueError("the Bernstein bound needs n >= 2 samples (Eq. 25 divides by n - 1)")
         with self._evaluating(x, batch_size, alpha, n0=n0, n=n) as x:
             hard = bound == "clopper-pearson"
-            c_A, p_A_low, bad = (self._certify_hard if hard else self._certify_soft)(x, n0, n, alpha, batch_size, bound, generator)
+            c_A, p_A_low, bad = (self._certify_hard if hard else self._certify_soft)(
+                x, n0, n, alpha, batch_size, bound, generator
+            )
         self._warn_nonfinite(bad, n)
-        R = radius(p_A_low, self.sigma)  # if p_A_low > 1/2: c_A and radius sigma * PhiInv(p_A_low); else ABSTAIN
+        R = radius(
+            p_A_low, self.sigma
+        )  # if p_A_low > 1/2: c_A and radius sigma * PhiInv(p_A_low); else ABSTAIN
         return (Smooth.ABSTAIN, 0.0) if R is None else (c_A, R)
 
     def _certify_hard(self, x, n0, n, alpha, batch_size, bound, generator):
         """Cohen et al.'s CERTIFY(f, sigma, x, n0, n, alpha), up to the radius. Returns (c_A, p_A_low, bad)."""
         K = self.num_classes
-        counts0 = self._counts(x, n0, batch_size, generator)  # counts0 <- SAMPLEUNDERNOISE(f, x, n0, sigma)
+        counts0 = self._counts(
+            x, n0, batch_size, generator
+        )  # counts0 <- SAMPLEUNDERNOISE(f, x, n0, sigma)
         c_A = int(counts0[:K].argmax())  # c_A <- top index in counts0
-        counts = self._counts(x, n, batch_size, generator)  # counts <- SAMPLEUNDERNOISE(f, x, n, sigma)
+        counts = self._counts(
+            x, n, batch_size, generator
+        )  # counts <- SAMPLEUNDERNOISE(f, x, n, sigma)
         n_A, bad = counts[[c_A, K]].tolist()
-        return c_A, clopper_pearson_lower(n_A, n, alpha), bad  # p_A <- LOWERCONFBOUND(counts[c_A], n, 1 - alpha)
+        return (
+            c_A,
+            clopper_pearson_lower(n_A, n, alpha),
+            bad,
+        )  # p_A <- LOWERCONFBOUND(counts[c_A], n, 1 - alpha)
 
     def _certify_soft(self, x, n0, n, alpha, batch_size, bound, generator):
         """Algorithm 2's CERTIFYHOEFFDING and CERTIFYBERNSTEIN(z, sigma^2, x, n0, n, alpha), up to the
         radius. Returns (c_A, z_A_low, bad)."""
-        z_hat_0 = self._moments(x, n0, batch_size, generator)[0] / n0  # z_hat_0 <- SAMPLEUNDERNOISE(z, x, n0, sigma^2)[1, :] / n0
+        z_hat_0 = (
+            self._moments(x, n0, batch_size, generator)[0] / n0
+        )  # z_hat_0 <- SAMPLEUNDERNOISE(z, x, n0, sigma^2)[1, :] / n0
         c_A = int(z_hat_0.argmax())  # c_A <- argmax_c z_hat_0^c
         A = self._moments(x, n, batch_size, generator)  # A <- SAMPLEUNDERNOISE(z, x, n, sigma^2)
         A_1, A_2, bad = A[:, c_A].tolist()
         z_hat_A = A_1 / n  # z_hat_A <- A[1, c_A] / n
         if bound == "hoeffding":
-            return c_A, hoeffding_lower(z_hat_A, n, alpha), bad  # z_A_low <- z_hat_A - sqrt(-log(alpha) / 2n)
+            return (
+                c_A,
+                hoeffding_lower(z_hat_A, n, alpha),
+                bad,
+            )  # z_A_low <- z_hat_A - sqrt(-log(alpha) / 2n)
         S2_A = sample_variance(A_1, A_2, n)  # S_A^2 <- (A[2, c_A] - A[1, c_A]^2 / n) / (n - 1)
-        return c_A, bernstein_lower(z_hat_A, S2_A, n, alpha), bad  # z_A_low <- z_hat_A - sqrt(2 S_A^2 log(2/alpha) / n) - ...
+        return (
+            c_A,
+            bernstein_lower(z_hat_A, S2_A, n, alpha),
+            bad,
+        )  # z_A_low <- z_hat_A - sqrt(2 S_A^2 log(2/alpha) / n) - ...
 
     @torch.inference_mode()
     def _counts(self, x, num, batch_size, generator):
@@ -173,7 +216,9 @@ class Smooth:
             b = min(batch_size, num - start)
             batch = x.unsqueeze(0).expand(b, *x.shape)  # (b, *D), a view: no copy until the noise
             try:
-                batch = batch + self.sigma * torch.randn(batch.shape, device=x.device, dtype=x.dtype, generator=generator)
+                batch = batch + self.sigma * torch.randn(
+                    batch.shape, device=x.device, dtype=x.dtype, generator=generator
+                )
                 if batch.dim() == 4:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
@@ -181,23 +226,31 @@ class Smooth:
             except RuntimeError as e:
                 raise self._explain(e, batch) from e
             if logits.shape != (b, self.num_classes):
-                raise ValueError(f"the base classifier gave logits of shape {tuple(logits.shape)} for {b} inputs, "
-                                 f"not ({b}, {self.num_classes}): {self._shape_hint(x)}")
+                raise ValueError(
+                    f"the base classifier gave logits of shape {tuple(logits.shape)} for {b} inputs, "
+                    f"not ({b}, {self.num_classes}): {self._shape_hint(x)}"
+                )
             yield logits
 
     def _explain(self, error, batch):
         """A classifier's RuntimeError, with what to do: lower the batch when out of memory, check
         the input's shape when the network rejected it; any other error as it was."""
         if out_of_memory(error):
-            return MemoryError(f"out of memory on a batch of {len(batch)} noisy samples: lower batch_size")
+            return MemoryError(
+                f"out of memory on a batch of {len(batch)} noisy samples: lower batch_size"
+            )
         if any(w in str(error).lower() for w in ("shape", "size", "dimension", "expected")):
-            return ValueError(f"the base classifier failed on a batch of shape {tuple(batch.shape)} "
-                              f"({str(error).strip().splitlines()[0][:200]}): {self._shape_hint(batch[0])}")
+            return ValueError(
+                f"the base classifier failed on a batch of shape {tuple(batch.shape)} "
+                f"({str(error).strip().splitlines()[0][:200]}): {self._shape_hint(batch[0])}"
+            )
         return error
 
     def _shape_hint(self, x):
-        return (f"pass one input x without a batch dimension (x has shape {tuple(x.shape)}), and num_classes "
-                "equal to the classifier's number of outputs")
+        return (
+            f"pass one input x without a batch dimension (x has shape {tuple(x.shape)}), and num_classes "
+            "equal to the classifier's number of outputs"
+        )
 
     @contextlib.contextmanager
     def _evaluating(self, x, batch_size, alpha, **counts):
@@ -208,7 +261,11 @@ class Smooth:
         for name, v in dict(counts, batch_size=batch_size).items():
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, not {v!r}")
-        modules = list(self.base_classifier.modules()) if isinstance(self.base_classifier, torch.nn.Module) else []
+        modules = (
+            list(self.base_classifier.modules())
+            if isinstance(self.base_classifier, torch.nn.Module)
+            else []
+        )
         modes = [m.training for m in modules]
         for m in modules:
             m.training = False
@@ -220,7 +277,9 @@ class Smooth:
 
     def _warn_nonfinite(self, bad, num):
         if bad:
-            warnings.warn(f"{int(bad)} of {num} noisy samples gave non-finite logits; they voted for no class")
+            warnings.warn(
+                f"{int(bad)} of {num} noisy samples gave non-finite logits; they voted for no class"
+            )
 
 
 def out_of_memory(error):
@@ -240,40 +299,95 @@ def summarize(rows, grid=RADII):
 
 # ---------------------------------------------------------------- command line
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Certify a smoothed classifier on a test set (Cohen et al.'s protocol), "
-                                "or compare results files. Under torchrun, each process certifies its share of the "
-                                "test images into the one results file; put -- before certify.py, or torchrun reads "
-                                "--n, --max and --start as abbreviations of its own options.")
-    p.add_argument("checkpoint", nargs="?", help="this project's checkpoint, the MACER authors' or Cohen et al.'s")
-    p.add_argument("--compare", nargs="+", metavar="TSV", help="A.tsv B.tsv: the paired ACR difference B - A; "
-                   "several pairs A1 B1 A2 B2 ... (one per training seed): also their mean, over seeds and images")
-    p.add_argument("--dataset", help="mnist, fashion-mnist, cifar10, svhn or imagenet (read from the checkpoint if there)")
-    p.add_argument("--arch", help="lenet, resnet110, resnet20, ..., resnet50 (read from the checkpoint if there)")
+    p = argparse.ArgumentParser(
+        description="Certify a smoothed classifier on a test set (Cohen et al.'s protocol), "
+        "or compare results files. Under torchrun, each process certifies its share of the "
+        "test images into the one results file; put -- before certify.py, or torchrun reads "
+        "--n, --max and --start as abbreviations of its own options."
+    )
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="this project's checkpoint, the MACER authors' or Cohen et al.'s",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="TSV",
+        help="A.tsv B.tsv: the paired ACR difference B - A; "
+        "several pairs A1 B1 A2 B2 ... (one per training seed): also their mean, over seeds and images",
+    )
+    p.add_argument(
+        "--dataset",
+        help="mnist, fashion-mnist, cifar10, svhn or imagenet (read from the checkpoint if there)",
+    )
+    p.add_argument(
+        "--arch",
+        help="lenet, resnet110, resnet20, ..., resnet50 (read from the checkpoint if there)",
+    )
     p.add_argument("--sigma", type=float, help="noise level (read from the checkpoint if there)")
-    p.add_argument("--no-normalize", action="store_true", help="the network takes unnormalised [0, 1] inputs, as the "
-                   "MACER authors' checkpoints do (read from the checkpoint; Cohen et al.'s normalise inside the model)")
+    p.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="the network takes unnormalised [0, 1] inputs, as the "
+        "MACER authors' checkpoints do (read from the checkpoint; Cohen et al.'s normalise inside the model)",
+    )
     p.add_argument("--data-dir", default="data")
     p.add_argument("--n0", type=int, default=data.CERT["n0"], help="selection samples")
     p.add_argument("--n", type=int, default=data.CERT["n"], help="estimation samples")
     p.add_argument("--alpha", type=float, default=data.CERT["alpha"], help="failure probability")
-    p.add_argument("--batch", type=int, default=None, help="noisy samples per forward pass (default: 400 on a CPU, "
-                   "100 for ImageNet there; 10,000 on CUDA, 400 for ImageNet)")
-    p.add_argument("--start", type=int, default=0, help="the first test image (the MACER authors' code: 500)")
-    p.add_argument("--skip", type=int, help="certify every skip-th test image (default: the dataset's protocol, "
-                   "every 20th; ImageNet every 100th)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="noisy samples per forward pass (default: 400 on a CPU, "
+        "100 for ImageNet there; 10,000 on CUDA, 400 for ImageNet)",
+    )
+    p.add_argument(
+        "--start", type=int, default=0, help="the first test image (the MACER authors' code: 500)"
+    )
+    p.add_argument(
+        "--skip",
+        type=int,
+        help="certify every skip-th test image (default: the dataset's protocol, "
+        "every 20th; ImageNet every 100th)",
+    )
     p.add_argument("--max", type=int, help="at most this many images (default: the protocol's 500)")
     p.add_argument("--bound", default="clopper-pearson", choices=BOUNDS)
-    p.add_argument("--beta", type=float, default=None, help="Soft-RS inverse temperature (default: the checkpoint's, else 1)")
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="Soft-RS inverse temperature (default: the checkpoint's, else 1)",
+    )
     p.add_argument("--out", default=None, help="results TSV (default: beside the checkpoint)")
-    p.add_argument("--overwrite", action="store_true", help="start --out afresh if its rows cannot be continued")
-    p.add_argument("--plot", action="store_true", help="also write the radius-accuracy curve as PNG (needs matplotlib)")
-    p.add_argument("--summary", help="add this run to a JSON file of runs, keyed by the results file (and with "
-                   "--plot, plot them all)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start --out afresh if its rows cannot be continued",
+    )
+    p.add_argument(
+        "--plot",
+        action="store_true",
+        help="also write the radius-accuracy curve as PNG (needs matplotlib)",
+    )
+    p.add_argument(
+        "--summary",
+        help="add this run to a JSON file of runs, keyed by the results file (and with "
+        "--plot, plot them all)",
+    )
     p.add_argument("--name", help="the run's name in --summary (default: the checkpoint's folder)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast even where it is not known to pay")
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast even where it is not known to pay"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise: input i's noise depends on (seed, i) alone")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the noise: input i's noise depends on (seed, i) alone",
+    )
     a = p.parse_args(argv)
     if a.compare is None and a.checkpoint is None:
         p.error("give a CHECKPOINT to certify, or --compare A.tsv B.tsv")
@@ -284,21 +398,28 @@ def parse_args(argv):
 def check_args(a):
     """Raise ValueError naming the first flag out of range (NaN included), before any work."""
     if a.compare is not None and len(a.compare) % 2:
-        raise ValueError(f"--compare takes pairs of results files (A B, or A1 B1 A2 B2 ...), not {len(a.compare)} files")
+        raise ValueError(
+            f"--compare takes pairs of results files (A B, or A1 B1 A2 B2 ...), not {len(a.compare)} files"
+        )
     for name in ("sigma", "beta"):
         v = getattr(a, name)
         if v is not None and not (math.isfinite(v) and v > 0):
             raise ValueError(f"--{name} must be a finite number > 0, not {v}")
     if not 0 < a.alpha < 1:  # also rejects nan
         raise ValueError(f"--alpha must lie strictly between 0 and 1, not {a.alpha}")
-    if min(a.n0, a.n, a.batch or 1, a.skip or 1, a.max or 1) < 1 or a.start < 0:
-        raise ValueError("--n0, --n, --batch, --skip and --max must be at least 1, and --start at least 0")
+    given = [v for v in (a.batch, a.skip, a.max) if v is not None]  # None: the default
+    if min(a.n0, a.n, *given) < 1 or a.start < 0:
+        raise ValueError(
+            "--n0, --n, --batch, --skip and --max must be at least 1, and --start at least 0"
+        )
     if a.bound == "bernstein" and a.n < 2:
         raise ValueError("the Bernstein bound needs --n 2 or more")
     if largest_radius(1.0, a.n, a.alpha, a.bound) is None:
-        raise ValueError(f"no input can be certified with --n {a.n} and --alpha {a.alpha} ({a.bound}): even if every "
-                         "sample agreed, the bound would stay at or below 1/2; raise --n or --alpha")
-    if not 0 <= a.seed < 2 ** 32:
+        raise ValueError(
+            f"no input can be certified with --n {a.n} and --alpha {a.alpha} ({a.bound}): even if every "
+            "sample agreed, the bound would stay at or below 1/2; raise --n or --alpha"
+        )
+    if not 0 <= a.seed < 2**32:
         raise ValueError(f"--seed must be an integer in [0, 2^32), not {a.seed}")
     if a.fp32 and a.bf16:
         raise ValueError("--fp32 and --bf16 contradict each other; give at most one")
@@ -306,7 +427,9 @@ def check_args(a):
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise ValueError("--plot needs matplotlib: pip install matplotlib, or drop --plot") from None
+            raise ValueError(
+                "--plot needs matplotlib: pip install matplotlib, or drop --plot"
+            ) from None
 
 
 def main(argv=None):
@@ -324,12 +447,17 @@ def main(argv=None):
 def run(a):
     import models  # the tools: the library above needs neither torchvision nor result files
     import results
+
     if a.compare:
         print(results.format_comparison(results.compare(a.compare)))
         return
-    own_group = "RANK" in os.environ and not dist.is_initialized()  # torchrun launched certify.py itself
+    own_group = (
+        "RANK" in os.environ and not dist.is_initialized()
+    )  # torchrun launched certify.py itself
     if own_group:
-        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(days=7))
+        dist.init_process_group(
+            "nccl" if a.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(days=7)
+        )
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if world > 1 and a.device == "cuda":
         a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -337,8 +465,12 @@ def run(a):
     if world > 1 and device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     try:
-        model, cfg = models.load_checkpoint(a.checkpoint, dataset=a.dataset, arch=a.arch,
-                                            normalize=False if a.no_normalize else None)
+        model, cfg = models.load_checkpoint(
+            a.checkpoint,
+            dataset=a.dataset,
+            arch=a.arch,
+            normalize=False if a.no_normalize else None,
+        )
         sigma = a.sigma if a.sigma is not None else cfg.get("sigma")
         if sigma is None:
             raise ValueError("the checkpoint does not say its sigma; pass --sigma")
@@ -350,16 +482,33 @@ def run(a):
         indices = list(range(a.start, len(test_set), a.skip or facts.skip))[: a.max or facts.max]
         out = a.out or os.path.splitext(a.checkpoint)[0] + f"_{a.bound}_n{a.n}.tsv"
         smooth = Smooth(model, facts.classes, sigma, beta, device=device, bf16=precision == "bf16")
-        with open(a.checkpoint, "rb") as f:  # the record of this run: results.MEANING and results.DRAW
-            settings = dict(checkpoint_sha256=hashlib.sha256(f.read()).hexdigest(), dataset=cfg["dataset"],
-                            test_set_sha256=data.fingerprint(test_set), normalize=bool(cfg["normalize"]), sigma=sigma,
-                            beta=beta if a.bound != "clopper-pearson" else None, n0=a.n0, n=a.n, alpha=a.alpha,
-                            bound=a.bound, precision=precision, seed=a.seed, noise=results.NOISE,
-                            batch=a.batch or models.default_batch(cfg["arch"], device), noise_device=device.type)
+        # The record of this run: results.MEANING and results.DRAW.
+        settings = dict(
+            checkpoint_sha256=cfg["sha256"],
+            dataset=cfg["dataset"],
+            test_set_sha256=data.fingerprint(test_set),
+            normalize=bool(cfg["normalize"]),
+            sigma=sigma,
+            beta=beta if a.bound != "clopper-pearson" else None,
+            n0=a.n0,
+            n=a.n,
+            alpha=a.alpha,
+            bound=a.bound,
+            precision=precision,
+            seed=a.seed,
+            noise=results.NOISE,
+            batch=a.batch or models.default_batch(cfg["arch"], device),
+            noise_device=device.type,
+        )
         if rank == 0:
-            print(f"certifying {len(indices)} {cfg['dataset']} test images: {cfg['arch']}, sigma {sigma}, n0 {a.n0}, "
-                  f"n {a.n}, alpha {a.alpha}, {a.bound}, {device} {precision}, {world} process(es) -> {out}", flush=True)
-        summary = results.certify_into(out, smooth, test_set, indices, settings, a.overwrite, rank, world)
+            print(
+                f"certifying {len(indices)} {cfg['dataset']} test images: {cfg['arch']}, sigma {sigma}, n0 {a.n0}, "
+                f"n {a.n}, alpha {a.alpha}, {a.bound}, {device} {precision}, {world} process(es) -> {out}",
+                flush=True,
+            )
+        summary = results.certify_into(
+            out, smooth, test_set, indices, settings, a.overwrite, rank, world
+        )
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -370,20 +519,47 @@ def run(a):
 def report(summary, out, a, cfg, settings):
     """Print the table (and write it beside the TSV), add the run to --summary, draw --plot."""
     import results
+
     print(results.save_table(summary, out, f"{cfg['dataset']} s={settings['sigma']}"))
     cap = largest_radius(settings["sigma"], a.n, a.alpha, a.bound)
     print(f"largest radius at this n and alpha ({a.bound}, every sample agreeing): {cap:.3f}")
-    runs = [dict(tsv=out, name=f"{cfg['dataset']} s={settings['sigma']} {a.bound}", sigma=settings["sigma"])]
-    if a.summary:  # the run: what trained it (its checkpoint's config), what certified it, the result
+    runs = [
+        dict(
+            tsv=out,
+            name=f"{cfg['dataset']} s={settings['sigma']} {a.bound}",
+            sigma=settings["sigma"],
+        )
+    ]
+    if (
+        a.summary
+    ):  # the run: what trained it (its checkpoint's config), what certified it, the result
         trained = {k: cfg.get(k) for k in ("method", "seed", "k", "lbd", "gamma")}
-        runs = results.add_to_summary(a.summary, dict(
-            name=a.name or os.path.basename(os.path.dirname(os.path.abspath(a.checkpoint))), dataset=cfg["dataset"],
-            sigma=settings["sigma"], **trained, beta=settings["beta"], epochs=cfg.get("epochs_done"), bound=a.bound,
-            n0=a.n0, n=a.n, alpha=a.alpha, cert_seed=a.seed, precision=settings["precision"],
-            train_precision=cfg.get("precision"), acr=round(summary["acr"], 4),
-            cert_acc={f"{r:.2f}": round(v, 4) for r, v in summary["cert_acc"].items()}, certified=summary["n"],
-            cert_seconds=round(summary["seconds"], 1), train_seconds=cfg.get("train_seconds") and round(cfg["train_seconds"], 1),
-            device=cfg.get("device_name"), checkpoint=a.checkpoint, tsv=out))
+        runs = results.add_to_summary(
+            a.summary,
+            dict(
+                name=a.name or os.path.basename(os.path.dirname(os.path.abspath(a.checkpoint))),
+                dataset=cfg["dataset"],
+                sigma=settings["sigma"],
+                **trained,
+                beta=settings["beta"],
+                epochs=cfg.get("epochs_done"),
+                bound=a.bound,
+                n0=a.n0,
+                n=a.n,
+                alpha=a.alpha,
+                cert_seed=a.seed,
+                precision=settings["precision"],
+                train_precision=cfg.get("precision"),
+                acr=round(summary["acr"], 4),
+                cert_acc={f"{r:.2f}": round(v, 4) for r, v in summary["cert_acc"].items()},
+                certified=summary["n"],
+                cert_seconds=round(summary["seconds"], 1),
+                train_seconds=cfg.get("train_seconds") and round(cfg["train_seconds"], 1),
+                device=cfg.get("device_name"),
+                checkpoint=a.checkpoint,
+                tsv=out,
+            ),
+        )
     if a.plot:
         png = os.path.splitext(a.summary or out)[0] + ".png"
         results.plot_curves(runs, png)

@@ -3,11 +3,13 @@ CIFAR-10's python batches, SVHN's .mat, an ImageFolder for ImageNet). Images com
 pixel space, where the noise of randomized smoothing lives. train.py and certify.py both read data
 through this file.
 """
+
 import gzip
 import hashlib
 import os
 import pickle
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 class Recipe:
     """A paper setting's training hyperparameters (Section 5.1, Appendix C); SGD with momentum 0.9,
     weight decay 5e-4 and batch 64 come from the authors' code."""
+
     epochs: int
     lr: float
     milestones: tuple  # epochs at which the lr decays x0.1
@@ -30,12 +33,15 @@ class Recipe:
     dynamic_lbd: tuple = ()  # sigmas where lambda = 0 until the first lr decay (footnote 5)
     grad_clip: float = 0.0
     train_subset: int = 0
-    cert: dict = field(default_factory=dict)  # overrides of CERT, skip and max for the end-of-training check
+    cert: dict = field(
+        default_factory=dict
+    )  # overrides of CERT, skip and max for the end-of-training check
 
 
 @dataclass(frozen=True)
 class DatasetFacts:
     """What the code needs to know of a dataset; a record, not a torch Dataset."""
+
     classes: int
     shape: tuple  # (C, H, W)
     mean: tuple  # per-channel statistics of the training set, applied inside the model
@@ -48,21 +54,60 @@ class DatasetFacts:
 
 PAPER = dict(epochs=440, lr=0.01, milestones=(200, 400), k=16)
 DATASETS = {
-    "mnist": DatasetFacts(10, (1, 28, 28), (0.1307,), (0.3081,), "lenet",
-                          Recipe(**PAPER, lbd={0.25: 16, 0.5: 16, 1.0: 16})),
-    "cifar10": DatasetFacts(10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "resnet110",  # Cohen's
-                            Recipe(**PAPER, lbd={0.25: 12, 0.5: 4, 1.0: 12}, dynamic_lbd=(1.0,), augment=True)),
-    "svhn": DatasetFacts(10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "resnet110",
-                         Recipe(**PAPER, lbd={0.25: 12, 0.5: 12}, augment=True)),
+    "mnist": DatasetFacts(
+        10,
+        (1, 28, 28),
+        (0.1307,),
+        (0.3081,),
+        "lenet",
+        Recipe(**PAPER, lbd={0.25: 16, 0.5: 16, 1.0: 16}),
+    ),
+    "cifar10": DatasetFacts(
+        10,
+        (3, 32, 32),
+        (0.4914, 0.4822, 0.4465),
+        (0.2023, 0.1994, 0.2010),
+        "resnet110",  # Cohen's
+        Recipe(**PAPER, lbd={0.25: 12, 0.5: 4, 1.0: 12}, dynamic_lbd=(1.0,), augment=True),
+    ),
+    "svhn": DatasetFacts(
+        10,
+        (3, 32, 32),
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        "resnet110",
+        Recipe(**PAPER, lbd={0.25: 12, 0.5: 12}, augment=True),
+    ),
     # Every 100th of the 50,000 validation images: ImageFolder sorts them by class, so every 20th
     # would cover only classes 0-199 (Cohen et al. and the paper take every 100th).
-    "imagenet": DatasetFacts(1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "resnet50",
-                             Recipe(120, 0.1, (30, 60, 90), 2, {0.25: 6, 0.5: 3, 1.0: 3}, augment=True), skip=100),
+    "imagenet": DatasetFacts(
+        1000,
+        (3, 224, 224),
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        "resnet50",
+        Recipe(120, 0.1, (30, 60, 90), 2, {0.25: 6, 0.5: 3, 1.0: 3}, augment=True),
+        skip=100,
+    ),
     # Not in the paper: the quick, offline first run (MNIST's loss settings, LeNet has no BatchNorm
     # to hold its logit scale, hence the clipping; see the README).
-    "fashion-mnist": DatasetFacts(10, (1, 28, 28), (0.2860,), (0.3530,), "lenet",
-                                  Recipe(1, 0.01, (), 16, {0.25: 16, 0.5: 16, 1.0: 16}, grad_clip=5.0,
-                                         train_subset=30_000, cert=dict(n=4000, skip=100, max=100))),
+    "fashion-mnist": DatasetFacts(
+        10,
+        (1, 28, 28),
+        (0.2860,),
+        (0.3530,),
+        "lenet",
+        Recipe(
+            1,
+            0.01,
+            (),
+            16,
+            {0.25: 16, 0.5: 16, 1.0: 16},
+            grad_clip=5.0,
+            train_subset=30_000,
+            cert=dict(n=4000, skip=100, max=100),
+        ),
+    ),
 }
 # Cohen et al.'s certification settings, used by the paper; which test images: DatasetFacts.skip, .max.
 CERT = dict(n0=100, n=100_000, alpha=0.001)
@@ -75,16 +120,29 @@ def dataset_facts(name):
     return DATASETS[name]
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path to path: a crash leaves the old file or the new
-    one, never half of one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+UMASK = os.umask(0o22)
+os.umask(UMASK)
+
+
+def atomic_write(path, content):
+    """Write content (str, bytes, or a function that writes to a binary file) to a new temporary
+    file beside path, flush it to disk, then rename it to path: a crash leaves the old file or the
+    new one, never half of one, and an error (a full disk) raises OSError with the old file as it
+    was and the temporary file removed. A symlink at path is replaced, never written through."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.")
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as f:  # closed here, so that a failed flush raises
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # as open() would have made it
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 # ---------------------------------------------------------------- in-memory datasets
@@ -105,8 +163,10 @@ def checked(x, y, name, where):
     """TensorImages(x, y), once the shapes and labels fit the table, else one clear ValueError."""
     facts = DATASETS[name]
     if tuple(x.shape[1:]) != facts.shape or len(x) != len(y):
-        raise ValueError(f"{where} holds {len(x)} images of shape {tuple(x.shape[1:])} and {len(y)} labels, "
-                         f"not {name}'s {facts.shape}, one label each; replace the files")
+        raise ValueError(
+            f"{where} holds {len(x)} images of shape {tuple(x.shape[1:])} and {len(y)} labels, "
+            f"not {name}'s {facts.shape}, one label each; replace the files"
+        )
     if len(y) and not 0 <= int(y.min()) <= int(y.max()) < facts.classes:
         raise ValueError(f"{where} has labels outside 0..{facts.classes - 1}; replace the files")
     return TensorImages(x, y.long())
@@ -117,16 +177,27 @@ def read_idx(path):
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # not gzip (BadGzipFile is an OSError), or cut short
-        raise ValueError(f"{path} is not a complete gzip file ({type(e).__name__}); download it again") from None
+    except (
+        OSError,
+        EOFError,
+        zlib.error,
+    ) as e:  # not gzip (BadGzipFile is an OSError), or cut short
+        raise ValueError(
+            f"{path} is not a complete gzip file ({type(e).__name__}); download it again"
+        ) from None
     ndim = data[3] if len(data) >= 4 and data[:3] == b"\0\0\x08" else 0
-    shape = struct.unpack(">" + "I" * ndim, data[4: 4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else ()
+    shape = (
+        struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else ()
+    )
     if not ndim or len(data) != 4 + 4 * ndim + torch.Size(shape).numel():
         raise ValueError(f"{path} is not a complete uint8 IDX file; download it again")
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(*shape)
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).view(*shape)
 
 
-IDX = {"mnist": ("MNIST", None), "fashion-mnist": ("FashionMNIST", "/usr/share/datasets/fashion-mnist")}
+IDX = {
+    "mnist": ("MNIST", None),
+    "fashion-mnist": ("FashionMNIST", "/usr/share/datasets/fashion-mnist"),
+}
 
 
 def load_idx(name, data_dir, train):
@@ -135,32 +206,63 @@ def load_idx(name, data_dir, train):
     Train and test come from the same place."""
     folder, system_dir = IDX[name]
     prefix = "train" if train else "t10k"
-    names = [f"{p}-{s}-idx{d}-ubyte" for p in ("train", "t10k") for s, d in (("images", 3), ("labels", 1))]
+    names = [
+        f"{p}-{s}-idx{d}-ubyte"
+        for p in ("train", "t10k")
+        for s, d in (("images", 3), ("labels", 1))
+    ]
     places = [os.path.join(data_dir, folder, "raw")] + ([system_dir] if system_dir else [])
-    find = lambda place, f: next((os.path.join(place, f + e) for e in ("", ".gz") if os.path.exists(os.path.join(place, f + e))), None)
+    find = lambda place, f: next(
+        (
+            os.path.join(place, f + e)
+            for e in ("", ".gz")
+            if os.path.exists(os.path.join(place, f + e))
+        ),
+        None,
+    )
     for place in places:
         found = {f: find(place, f) for f in names}
         if not any(found.values()):
             continue
         missing = [f for f in names if found[f] is None]
         if missing:
-            raise ValueError(f"{place} lacks {', '.join(missing)}; put all four IDX files of {name} there")
-        x, y = read_idx(found[f"{prefix}-images-idx3-ubyte"]), read_idx(found[f"{prefix}-labels-idx1-ubyte"])
-        return checked(x.unsqueeze(1), y, name, f"{place} ({prefix})")  # (N, 28, 28) -> (N, 1, 28, 28)
-    download(name, data_dir, places[0] + (" or run `apt-get install dataset-fashion-mnist`" if system_dir else ""))
+            raise ValueError(
+                f"{place} lacks {', '.join(missing)}; put all four IDX files of {name} there"
+            )
+        x, y = (
+            read_idx(found[f"{prefix}-images-idx3-ubyte"]),
+            read_idx(found[f"{prefix}-labels-idx1-ubyte"]),
+        )
+        return checked(
+            x.unsqueeze(1), y, name, f"{place} ({prefix})"
+        )  # (N, 28, 28) -> (N, 1, 28, 28)
+    download(
+        name,
+        data_dir,
+        places[0] + (" or run `apt-get install dataset-fashion-mnist`" if system_dir else ""),
+    )
     return load_idx(name, data_dir, train)
 
 
 def download(name, data_dir, where):
     """torchvision's download, or a ValueError that says where to put the files."""
     import contextlib, sys, torchvision
-    cls = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "svhn": "SVHN"}[name]
+
+    cls = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "svhn": "SVHN"}[
+        name
+    ]
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            for split in ({"split": "train"}, {"split": "test"}) if name == "svhn" else ({"train": True}, {"train": False}):
+            for split in (
+                ({"split": "train"}, {"split": "test"})
+                if name == "svhn"
+                else ({"train": True}, {"train": False})
+            ):
                 getattr(torchvision.datasets, cls)(data_dir, download=True, **split)
     except Exception:
-        raise ValueError(f"{name} was not found and could not be downloaded; put its files in {where}") from None
+        raise ValueError(
+            f"{name} was not found and could not be downloaded; put its files in {where}"
+        ) from None
 
 
 def load_cifar10(data_dir, train):
@@ -174,26 +276,35 @@ def load_cifar10(data_dir, train):
         try:
             with open(path, "rb") as fh:
                 batch = pickle.load(fh, encoding="latin1")
-            xs.append(torch.as_tensor(batch["data"], dtype=torch.uint8).view(-1, 3, 32, 32))  # (N, 3072) -> (N, 3, 32, 32)
+            xs.append(
+                torch.as_tensor(batch["data"], dtype=torch.uint8).view(-1, 3, 32, 32)
+            )  # (N, 3072) -> (N, 3, 32, 32)
             ys.append(torch.as_tensor(batch["labels"]))
         except Exception as e:
-            raise ValueError(f"{path} is missing or not a CIFAR-10 python batch ({type(e).__name__}); "
-                             "download cifar-10-python.tar.gz and unpack it in --data-dir") from None
+            raise ValueError(
+                f"{path} is missing or not a CIFAR-10 python batch ({type(e).__name__}); "
+                "download cifar-10-python.tar.gz and unpack it in --data-dir"
+            ) from None
     return checked(torch.cat(xs), torch.cat(ys), "cifar10", folder)
 
 
 def load_svhn(data_dir, train):
     """SVHN's cropped digits, DATA_DIR/{train,test}_32x32.mat; label 10 stands for digit 0."""
     import scipy.io
+
     path = os.path.join(data_dir, f"{'train' if train else 'test'}_32x32.mat")
     if not os.path.exists(path):
         download("svhn", data_dir, data_dir)
     try:
         mat = scipy.io.loadmat(path)
-        x = torch.from_numpy(mat["X"]).permute(3, 2, 0, 1).contiguous()  # (H, W, C, N) -> (N, C, H, W)
+        x = (
+            torch.from_numpy(mat["X"]).permute(3, 2, 0, 1).contiguous()
+        )  # (H, W, C, N) -> (N, C, H, W)
         y = torch.from_numpy(mat["y"].astype("int64")).flatten() % 10  # (N, 1) -> (N,); 10 -> 0
     except Exception as e:
-        raise ValueError(f"{path} is not SVHN's .mat file ({type(e).__name__}); download it again") from None
+        raise ValueError(
+            f"{path} is not SVHN's .mat file ({type(e).__name__}); download it again"
+        ) from None
     return checked(x, y, "svhn", path)
 
 
@@ -209,12 +320,18 @@ def load_dataset(name, data_dir, train):
         return load_svhn(data_dir, train)
     import torchvision
     import torchvision.transforms as T
+
     path = os.path.join(data_dir, "train" if train else "val")
     if not os.path.isdir(path):
-        raise ValueError(f"no ImageNet folder at {path}; point --data-dir at a folder with train/ and val/ "
-                         "class subfolders (torchvision's ImageFolder layout)")
-    tf = (T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()]) if train else
-          T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()]))
+        raise ValueError(
+            f"no ImageNet folder at {path}; point --data-dir at a folder with train/ and val/ "
+            "class subfolders (torchvision's ImageFolder layout)"
+        )
+    tf = (
+        T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()])
+        if train
+        else T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+    )
     return torchvision.datasets.ImageFolder(path, tf)
 
 
@@ -245,8 +362,12 @@ def crop_flip(x, pad=4):
     j0 = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=x.device)
     rows = i0 + torch.arange(H, device=x.device).view(1, 1, H, 1)  # (b, 1, H, 1)
     cols = j0 + torch.arange(W, device=x.device).view(1, 1, 1, W)  # (b, 1, 1, W)
-    x = x_pad[torch.arange(b, device=x.device).view(b, 1, 1, 1), torch.arange(C, device=x.device).view(1, C, 1, 1),
-              rows, cols]  # (b, C, H, W)
+    x = x_pad[
+        torch.arange(b, device=x.device).view(b, 1, 1, 1),
+        torch.arange(C, device=x.device).view(1, C, 1, 1),
+        rows,
+        cols,
+    ]  # (b, C, H, W)
     flip = torch.rand(b, 1, 1, 1, device=x.device) < 0.5
     return torch.where(flip, x.flip(3), x)
 
@@ -257,10 +378,12 @@ def batches(data, batch, epoch, seed, augment, device, rank=0, world=1):
     same order. Every rank takes the same number of steps (the tail that does not split evenly is
     dropped, as DistributedSampler(drop_last=True) does); otherwise DDP's all-reduce would hang."""
     if isinstance(data, TensorImages):
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        perm = torch.randperm(
+            len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)
+        )
         perm = perm[: len(perm) // world * world][rank::world].to(device)
         for s in range(0, len(perm), batch):
-            idx = perm[s: s + batch]
+            idx = perm[s : s + batch]
             x = data.x[idx].float() / 255
             yield (crop_flip(x) if augment else x), data.y[idx]
     else:

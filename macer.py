@@ -20,6 +20,7 @@ only: paste it into any project.
 
 With k = 1 and lbd = 0 the loss is exactly cross-entropy on one noisy copy: Cohen et al. (2019).
 """
+
 import math
 
 import torch
@@ -61,11 +62,20 @@ def macer_loss(logits, targets, sigma, lbd, gamma, beta):
     batch (n = 0) gives zeros.
     """
     if logits.dim() != 3 or logits.shape[1] == 0:
-        raise ValueError(f"macer_loss takes logits of shape (n, k, K), n inputs x k >= 1 noisy copies x K classes; "
-                         f"got {tuple(logits.shape)}: reshape with logits.view(n, k, -1)")
-    for name, v, lo in (("sigma", sigma, 0), ("lbd", lbd, None), ("gamma", gamma, 0), ("beta", beta, 0)):
+        raise ValueError(
+            f"macer_loss takes logits of shape (n, k, K), n inputs x k >= 1 noisy copies x K classes; "
+            f"got {tuple(logits.shape)}: reshape with logits.view(n, k, -1)"
+        )
+    for name, v, lo in (
+        ("sigma", sigma, 0),
+        ("lbd", lbd, None),
+        ("gamma", gamma, 0),
+        ("beta", beta, 0),
+    ):
         if not math.isfinite(v) or v < 0 or (lo == 0 and v == 0):
-            raise ValueError(f"{name} must be finite and {'>= 0' if lo is None else '> 0'}, not {v}")
+            raise ValueError(
+                f"{name} must be finite and {'>= 0' if lo is None else '> 0'}, not {v}"
+            )
     if logits.dtype != torch.float64:
         logits = logits.float()
     n, k, K = logits.shape
@@ -101,13 +111,19 @@ def robust_hinge(one_minus_z_y, z_runner_up, in_G, gamma):
     """Algorithm 1, line 8, and the hinge of Eq. 17: max(gamma - xi_hat, 0) on the inputs in G,
     0 elsewhere, with xi_hat = PhiInv(z_y) - PhiInv(z_runner_up) = -PhiInv(1 - z_y) - PhiInv(z_runner_up).
     All arguments are (n,) tensors. Inside the hinge region Proposition 1 bounds PhiInv'."""
-    def xi_hat(where):  # line 8 on the inputs `where`; the others see PhiInv(1/2) = 0, which is finite
+
+    def xi_hat(
+        where,
+    ):  # line 8 on the inputs `where`; the others see PhiInv(1/2) = 0, which is finite
         half = torch.full_like(z_runner_up, 0.5)
-        return (-torch.special.ndtri(torch.where(where, one_minus_z_y, half))
-                - torch.special.ndtri(torch.where(where, z_runner_up, half)))
+        return -torch.special.ndtri(torch.where(where, one_minus_z_y, half)) - torch.special.ndtri(
+            torch.where(where, z_runner_up, half)
+        )
 
     # 1. xi_hat is finite for inputs in G whose two PhiInv arguments lie strictly inside (0, 1).
-    finite = in_G & (0 < one_minus_z_y) & (one_minus_z_y < 1) & (0 < z_runner_up) & (z_runner_up < 1)
+    finite = (
+        in_G & (0 < one_minus_z_y) & (one_minus_z_y < 1) & (0 < z_runner_up) & (z_runner_up < 1)
+    )
     # 2. xi_hat without gradients finds the hinge region, xi_hat < gamma.
     with torch.no_grad():
         active = finite & (xi_hat(finite) < gamma)

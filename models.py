@@ -5,6 +5,9 @@ each model normalises them (per-channel mean and std) as its first step. The sta
 non-persistent buffers, so the state dicts carry exactly the parameter names of the MACER authors'
 released LeNet and ResNet-110, and of torchvision's ResNet-50.
 """
+
+import hashlib
+import io
 import platform
 import re
 
@@ -21,7 +24,9 @@ class Normalize(nn.Module):
 
     def __init__(self, mean, std):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)  # (1, C, 1, 1)
+        self.register_buffer(
+            "mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False
+        )  # (1, C, 1, 1)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x):
@@ -65,7 +70,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.downsample = None
         if stride != 1 or c_in != c_out:  # 1x1-conv shortcut, as in the authors' code
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -86,7 +93,10 @@ class CifarResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(16)
         widths, c_in = [16, 32, 64], 16
         for s, w in enumerate(widths):
-            layer = [BasicBlock(c_in if i == 0 else w, w, 2 if (s > 0 and i == 0) else 1) for i in range(blocks)]
+            layer = [
+                BasicBlock(c_in if i == 0 else w, w, 2 if (s > 0 and i == 0) else 1)
+                for i in range(blocks)
+            ]
             setattr(self, f"layer{s + 1}", nn.Sequential(*layer))
             c_in = w
         self.fc = LogitLinear(64, num_classes)
@@ -104,9 +114,13 @@ class ResNet50(torchvision.models.ResNet):
     """torchvision's ResNet-50, unchanged but for the normalisation in front."""
 
     def __init__(self, normalize=None, num_classes=1000):
-        super().__init__(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+        super().__init__(
+            torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes
+        )
         self.normalize = normalize or nn.Identity()
-        self.fc = LogitLinear(self.fc.in_features, num_classes)  # torchvision's init of fc: nn.Linear's own
+        self.fc = LogitLinear(
+            self.fc.in_features, num_classes
+        )  # torchvision's init of fc: nn.Linear's own
 
     def forward(self, x):
         return super().forward(self.normalize(x))
@@ -118,8 +132,10 @@ def check_arch(dataset, arch):
     m = re.fullmatch(r"resnet(\d+)", arch or "")
     cifar_like = facts.shape[1:] == (32, 32)
     if not (arch == facts.arch or (cifar_like and m and (int(m.group(1)) - 2) % 6 == 0)):
-        raise ValueError(f"architecture {arch!r} does not fit {dataset}: use {facts.arch}"
-                         + (" or another resnet of depth 6n + 2" if cifar_like else ""))
+        raise ValueError(
+            f"architecture {arch!r} does not fit {dataset}: use {facts.arch}"
+            + (" or another resnet of depth 6n + 2" if cifar_like else "")
+        )
 
 
 def get_model(dataset, normalize=True, arch=None):
@@ -132,14 +148,16 @@ def get_model(dataset, normalize=True, arch=None):
         return LeNet(norm, facts.classes)
     if arch == "resnet50" and facts.arch == "resnet50":
         return ResNet50(norm, facts.classes)
-    return CifarResNet(int(arch[len("resnet"):]), norm, facts.classes)
+    return CifarResNet(int(arch[len("resnet") :]), norm, facts.classes)
 
 
 def cpuinfo(field):
     """The first `field` line of /proc/cpuinfo (Linux), e.g. "flags" or "model name"; "" elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((l.split(":", 1)[1].strip() for l in f if l.split(":")[0].strip() == field), "")
+            return next(
+                (l.split(":", 1)[1].strip() for l in f if l.split(":")[0].strip() == field), ""
+            )
     except OSError:
         return ""
 
@@ -175,7 +193,11 @@ def fast_path(model, device, precision="auto", flags=None):
     device = torch.device(device)
     bf16 = precision == "bf16" or (precision == "auto" and bf16_pays(device.type, flags))
     model = model.to(memory_format=torch.channels_last)
-    return model, torch.autocast(device.type, torch.bfloat16, enabled=bf16), "bf16" if bf16 else "fp32"
+    return (
+        model,
+        torch.autocast(device.type, torch.bfloat16, enabled=bf16),
+        "bf16" if bf16 else "fp32",
+    )
 
 
 def default_batch(arch, device):
@@ -196,8 +218,12 @@ def check_device(name):
         raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"no CUDA device {name!r} is visible here ({torch.cuda.device_count()} GPUs): use --device cpu")
+    if device.type == "cuda" and not (
+        torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"no CUDA device {name!r} is visible here ({torch.cuda.device_count()} GPUs): use --device cpu"
+        )
     return device
 
 
@@ -210,28 +236,45 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
     """Load this project's checkpoint, the MACER authors' ({'net', 'epoch'}; they feed the network
     unnormalised [0, 1] inputs) or Cohen et al.'s ({'arch', 'state_dict'}; their normalisation is
     layer 0, inside the model, as here). Returns (model, config); arguments fill in what a
-    checkpoint lacks. weights_only=True: a checkpoint never runs code. A file that does not fit
+    checkpoint lacks; config["sha256"] is the hash of the very bytes that were loaded. weights_only=True: a checkpoint never runs code. A file that does not fit
     raises ValueError with one sentence saying what to do."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            blob = f.read()  # read once: a save that replaces the file now cannot change the hash
+        ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}") from None
     except Exception as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); is the file complete?") from None
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); is the file complete?"
+        ) from None
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds no state dict; pass a checkpoint saved by train.py, MACER or Cohen et al.")
+        raise ValueError(
+            f"{path} holds no state dict; pass a checkpoint saved by train.py, MACER or Cohen et al."
+        )
     cfg = {}
     if "model" in ckpt and "config" in ckpt:  # ours
         if not isinstance(ckpt["config"], dict):
-            raise ValueError(f"{path} has a config that is not a dict; it was not saved by train.py")
+            raise ValueError(
+                f"{path} has a config that is not a dict; it was not saved by train.py"
+            )
         cfg, state = dict(ckpt["config"]), ckpt["model"]
         cfg.update(epochs_done=ckpt.get("epoch"), train_seconds=ckpt.get("train_seconds"))
     elif "net" in ckpt:  # the MACER authors'
         cfg, state = {"normalize": False}, ckpt["net"]
     elif "state_dict" in ckpt:  # Cohen et al.'s: Sequential(NormalizeLayer, DataParallel(net))
         state, name = ckpt["state_dict"], str(ckpt.get("arch", ""))
-        cfg = {"normalize": True, "arch": "resnet50" if name == "resnet50" else name.replace("cifar_", "")}
-        cfg.update({"dataset": "imagenet"} if name == "resnet50" else {"dataset": "cifar10"} if "cifar" in name else {})
+        cfg = {
+            "normalize": True,
+            "arch": "resnet50" if name == "resnet50" else name.replace("cifar_", ""),
+        }
+        cfg.update(
+            {"dataset": "imagenet"}
+            if name == "resnet50"
+            else {"dataset": "cifar10"}
+            if "cifar" in name
+            else {}
+        )
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state = ckpt
     else:
@@ -240,14 +283,19 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
         if value is not None:
             cfg[key] = value
     if cfg.get("dataset") is None:
-        raise ValueError(f"the checkpoint does not say its dataset; pass --dataset (one of {', '.join(DATASETS)})")
+        raise ValueError(
+            f"the checkpoint does not say its dataset; pass --dataset (one of {', '.join(DATASETS)})"
+        )
     cfg.setdefault("arch", dataset_facts(cfg["dataset"]).arch)
     cfg.setdefault("normalize", True)
+    cfg["sha256"] = hashlib.sha256(blob).hexdigest()
     model = get_model(cfg["dataset"], cfg["normalize"], cfg["arch"])
     try:
         model.load_state_dict(strip_prefix(state))
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0][:200]
-        raise ValueError(f"{path} does not fit {cfg['arch']} for {cfg['dataset']} ({first}); "
-                         "pass the --dataset and --arch it was trained with") from None
+        raise ValueError(
+            f"{path} does not fit {cfg['arch']} for {cfg['dataset']} ({first}); "
+            "pass the --dataset and --arch it was trained with"
+        ) from None
     return model, cfg

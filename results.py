@@ -5,11 +5,14 @@ facts (MEANING, DRAW), checked on every read, as is each row. Any number of proc
 line per input, so an interrupted run keeps its rows. Input i's noise depends on (seed, i) alone:
 its row is the same certified alone, after a resume, in any order or process (with the same batch,
 on the same kind of device)."""
+
+import errno
 import fcntl
 import hashlib
 import json
 import math
 import os
+import stat
 import time
 import warnings
 
@@ -22,8 +25,19 @@ import data
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 # What the rows mean: a file never mixes rows made under other values of these.
-MEANING = ("checkpoint_sha256", "dataset", "test_set_sha256", "normalize", "sigma", "beta", "n0", "n", "alpha",
-           "bound", "precision")
+MEANING = (
+    "checkpoint_sha256",
+    "dataset",
+    "test_set_sha256",
+    "normalize",
+    "sigma",
+    "beta",
+    "n0",
+    "n",
+    "alpha",
+    "bound",
+    "precision",
+)
 # How the noise was drawn. Rows drawn otherwise are valid certificates too, but a file is appended
 # to only under the same draw, so that each of its rows can be made again alone.
 DRAW = ("seed", "noise", "batch", "noise_device")
@@ -54,8 +68,10 @@ def read_settings(tsv_path, strict=True):
     if not isinstance(saved, dict) and not strict:
         return None
     if not isinstance(saved, dict):
-        raise ValueError(f"{path} is not a readable settings record; delete it together with {tsv_path}, or "
-                         "pass --overwrite to certify afresh")
+        raise ValueError(
+            f"{path} is not a readable settings record; delete it together with {tsv_path}, or "
+            "pass --overwrite to certify afresh"
+        )
     return saved
 
 
@@ -71,7 +87,12 @@ def row_check(settings=None, labels=None, classes=None):
     largest that n and alpha allow; with the test set's labels, the label; predict against K."""
     cap = math.inf
     if settings is not None:
-        cap = certify.largest_radius(settings["sigma"], settings["n"], settings["alpha"], settings["bound"]) or 0.0
+        cap = (
+            certify.largest_radius(
+                settings["sigma"], settings["n"], settings["alpha"], settings["bound"]
+            )
+            or 0.0
+        )
 
     def check(row):
         i, label, predict, R = row["idx"], row["label"], row["predict"], row["radius"]
@@ -80,7 +101,9 @@ def row_check(settings=None, labels=None, classes=None):
         if labels is not None and label != labels[i]:
             return f"label {label} is not the test set's label {labels[i]} of input {i}"
         if predict < -1 or (classes is not None and predict >= classes):
-            return f"predict {predict} is neither -1 (abstain) nor a class" + (f" 0..{classes - 1}" if classes else "")
+            return f"predict {predict} is neither -1 (abstain) nor a class" + (
+                f" 0..{classes - 1}" if classes else ""
+            )
         if not (0 <= R <= cap + 1e-9 and math.isfinite(R)):
             return f"radius {R} is outside [0, {cap:.5f}], the radii that n and alpha allow"
         if predict == -1 and R != 0:
@@ -88,6 +111,7 @@ def row_check(settings=None, labels=None, classes=None):
         if row["correct"] != int(predict == label):
             return f"correct is {row['correct']}, but predict is {predict} and label {label}"
         return None
+
     return check
 
 
@@ -95,19 +119,31 @@ def parse_rows(text, path, check):
     """The rows of a results TSV's text as dicts; ValueError naming the first bad line."""
     lines = text.splitlines()
     if not lines or lines[0] != HEADER:
-        raise ValueError(f"{path} is not a results file of certify.py (its first line is not the TSV header)")
+        raise ValueError(
+            f"{path} is not a results file of certify.py (its first line is not the TSV header)"
+        )
     rows, seen = [], set()
     for number, line in enumerate(lines[1:], start=2):
         try:
             i, label, pred, R, correct, t = line.split("\t")
-            row = dict(idx=int(i), label=int(label), predict=int(pred), radius=float(R), correct=int(correct),
-                       time=parse_time(t))
+            row = dict(
+                idx=int(i),
+                label=int(label),
+                predict=int(pred),
+                radius=float(R),
+                correct=int(correct),
+                time=parse_time(t),
+            )
         except ValueError:
-            raise ValueError(f"line {number} of {path} is corrupt; delete that line to certify its input again") from None
+            raise ValueError(
+                f"line {number} of {path} is corrupt; delete that line to certify its input again"
+            ) from None
         problem = check(row) or (f"it repeats input {row['idx']}" if row["idx"] in seen else None)
         if problem:
-            raise ValueError(f"line {number} of {path}: {problem}; the file was changed after certify.py wrote it: "
-                             "delete that line to certify its input again")
+            raise ValueError(
+                f"line {number} of {path}: {problem}; the file was changed after certify.py wrote it: "
+                "delete that line to certify its input again"
+            )
         seen.add(row["idx"])
         rows.append(row)
     return rows
@@ -130,17 +166,31 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
     under another DRAW: refused, unless overwrite starts afresh. A cut-off last row is dropped.
     Nothing is written to a file that is not a results file."""
     if os.path.isdir(path) or not path.endswith(".tsv"):
-        raise ValueError(f"--out must be a file name ending in .tsv (its settings record is named after it), not {path}")
+        raise ValueError(
+            f"--out must be a file name ending in .tsv (its settings record is named after it), not {path}"
+        )
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        f = open(path, "a+")
+        # Never through a symlink (O_NOFOLLOW), never blocking on a FIFO (O_NONBLOCK).
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(path, flags, 0o666)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(
+                f"--out {path} is a symbolic link; give the path of the results file itself"
+            ) from None
         raise ValueError(f"cannot write {path} ({e.strerror}); choose another --out") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"--out {path} is not a regular file; choose another --out")
+    f = os.fdopen(fd, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise ValueError(f"another process is writing {path}; wait for it to finish or choose another --out") from None
+        raise ValueError(
+            f"another process is writing {path}; wait for it to finish or choose another --out"
+        ) from None
     try:
         return _continue(f, path, settings, indices, check, overwrite, log)
     except BaseException:
@@ -153,8 +203,10 @@ def _continue(f, path, settings, indices, check, overwrite, log):
     f.seek(0)
     text = f.read()
     if text and not (text + "\n").startswith(HEADER + "\n"):
-        raise ValueError(f"{path} is not a results file of certify.py (its first line is not the TSV header); "
-                         "choose another --out")
+        raise ValueError(
+            f"{path} is not a results file of certify.py (its first line is not the TSV header); "
+            "choose another --out"
+        )
     if text and not text.endswith("\n"):  # a kill inside a write: the last line is cut short
         text = text[: text.rfind("\n") + 1]
         f.truncate(len(text.encode()))
@@ -162,16 +214,25 @@ def _continue(f, path, settings, indices, check, overwrite, log):
     saved = read_settings(path, strict=not overwrite)
     body = text.partition("\n")[2]
     differ = lambda keys: [k for k in keys if saved.get(k) != settings[k]]
-    why = (f"it has rows but no settings record ({settings_path(path)})" if body and saved is None else
-           f"its rows were made with other settings ({', '.join(differ(MEANING))})" if body and differ(MEANING) else None)
+    why = (
+        f"it has rows but no settings record ({settings_path(path)})"
+        if body and saved is None
+        else f"its rows were made with other settings ({', '.join(differ(MEANING))})"
+        if body and differ(MEANING)
+        else None
+    )
     rows = parse_rows(text, path, check) if body and why is None else []
     todo = [i for i in indices if i not in {r["idx"] for r in rows}]
     if why is None and todo and rows and differ(DRAW):
-        why = (f"its rows were drawn with other noise settings ({', '.join(differ(DRAW))}: "
-               f"{', '.join(f'{k} {saved.get(k)}' for k in differ(DRAW))}), and new rows must be drawn the same way")
+        why = (
+            f"its rows were drawn with other noise settings ({', '.join(differ(DRAW))}: "
+            f"{', '.join(f'{k} {saved.get(k)}' for k in differ(DRAW))}), and new rows must be drawn the same way"
+        )
     if why is not None:
         if not overwrite:
-            raise ValueError(f"{path} cannot be continued: {why}; choose another --out, or pass --overwrite to start it afresh")
+            raise ValueError(
+                f"{path} cannot be continued: {why}; choose another --out, or pass --overwrite to start it afresh"
+            )
         log(f"starting {path} afresh: {why}")
         f.truncate(0)
         text, rows, todo = "", [], list(indices)
@@ -179,9 +240,13 @@ def _continue(f, path, settings, indices, check, overwrite, log):
         if todo and not text:
             append_line(f.fileno(), HEADER + "\n")
         if todo:
-            data.atomic_write(settings_path(path), lambda p: json.dump(settings, open(p, "w"), indent=1))
+            data.atomic_write(
+                settings_path(path), json.dumps(settings, indent=1)
+            )
     except OSError as e:
-        raise ValueError(f"could not write {path} or its settings record ({e.strerror}); make room and rerun") from None
+        raise ValueError(
+            f"could not write {path} or its settings record ({e.strerror}); make room and rerun"
+        ) from None
     return f, rows, todo
 
 
@@ -199,20 +264,32 @@ def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
             x, label = dataset[i]
             t0 = time.time()
             generator = input_generator(settings["seed"], i, smooth.device or x.device)
-            prediction, R = smooth.certify(x, settings["n0"], settings["n"], settings["alpha"], settings["batch"],
-                                           settings["bound"], generator)
+            prediction, R = smooth.certify(
+                x,
+                settings["n0"],
+                settings["n"],
+                settings["alpha"],
+                settings["batch"],
+                settings["bound"],
+                generator,
+            )
             dt = time.time() - t0
             R_floor = math.floor(R * 1e5) / 1e5  # rounded down: a written radius never overclaims
             line = f"{i}\t{int(label)}\t{prediction}\t{R_floor:.5f}\t{int(prediction == int(label))}\t{dt:.3f}\n"
             try:
                 append_line(fd, line)
             except OSError as e:
-                raise ValueError(f"could not write to {out} ({e.strerror}); make room, then rerun to continue") from None
+                raise ValueError(
+                    f"could not write to {out} ({e.strerror}); make room, then rerun to continue"
+                ) from None
             eta = (time.time() - t_start) / (j + 1) * (len(indices) - j - 1)
             note = "".join(f"  ({w.message})" for w in caught)
             caught.clear()
-            log(f"{who}[{j + 1:>4}/{len(indices)}] idx {i:>5}  label {int(label)}  predict {prediction:>2}  radius {R:.3f}  "
-                f"{'correct' if prediction == int(label) else 'wrong  '}  {dt:.2f}s  ETA {eta / 60:.1f} min{note}", flush=True)
+            log(
+                f"{who}[{j + 1:>4}/{len(indices)}] idx {i:>5}  label {int(label)}  predict {prediction:>2}  radius {R:.3f}  "
+                f"{'correct' if prediction == int(label) else 'wrong  '}  {dt:.2f}s  ETA {eta / 60:.1f} min{note}",
+                flush=True,
+            )
 
 
 def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, world=1, log=print):
@@ -228,7 +305,9 @@ def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, wor
         except ValueError as e:
             state = [str(e)]
     if world > 1:
-        dist.broadcast_object_list(state, src=0)  # rank 0's verdict, so that no process certifies alone
+        dist.broadcast_object_list(
+            state, src=0
+        )  # rank 0's verdict, so that no process certifies alone
     if isinstance(state[0], str):
         raise ValueError(state[0])
     done, todo = state[0]
@@ -237,7 +316,9 @@ def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, wor
     mine = todo[rank::world]
     fd = f.fileno() if f is not None else os.open(out, os.O_WRONLY | os.O_APPEND)
     try:
-        certify_each(out, fd, smooth, dataset, mine, settings, f"rank {rank}: " if world > 1 else "", log)
+        certify_each(
+            out, fd, smooth, dataset, mine, settings, f"rank {rank}: " if world > 1 else "", log
+        )
     finally:
         if f is None:
             os.close(fd)
@@ -257,14 +338,20 @@ def format_table(summary, title=""):
     """The paper's Table 1 layout: certified accuracy at each radius, then ACR."""
     width = max(20, len(title) + 1)
     head = f"{'':<{width}}" + "".join(f"{r:>7.2f}" for r in summary["cert_acc"]) + f"{'ACR':>8}"
-    row = f"{title:<{width}}" + "".join(f"{a:>7.3f}" for a in summary["cert_acc"].values()) + f"{summary['acr']:>8.3f}"
+    row = (
+        f"{title:<{width}}"
+        + "".join(f"{a:>7.3f}" for a in summary["cert_acc"].values())
+        + f"{summary['acr']:>8.3f}"
+    )
     return f"certified accuracy at radius r, over {summary['n']} inputs\n{head}\n{row}"
 
 
 def save_table(summary, tsv_path, title):
     """format_table's text, also written (atomically) beside the TSV as <name>_table.txt."""
     table = format_table(summary, title)
-    data.atomic_write(os.path.splitext(tsv_path)[0] + "_table.txt", lambda p: open(p, "w").write(table + "\n"))
+    data.atomic_write(
+        os.path.splitext(tsv_path)[0] + "_table.txt", table + "\n"
+    )
     return table
 
 
@@ -273,14 +360,28 @@ def read_summary(path):
     try:
         with open(path) as f:
             runs = json.load(f)["runs"]
-        if not (isinstance(runs, list) and all(isinstance(r, dict) and {"name", "sigma", "tsv"} <= set(r) for r in runs)):
+        if not (
+            isinstance(runs, list)
+            and all(isinstance(r, dict) and {"name", "sigma", "tsv"} <= set(r) for r in runs)
+        ):
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"{path} is not a summary file ({{\"runs\": [...]}}, each run with name, sigma and tsv); "
-                         "choose another --summary") from None
+        raise ValueError(
+            f'{path} is not a summary file ({{"runs": [...]}}, each run with name, sigma and tsv); '
+            "choose another --summary"
+        ) from None
     folder = os.path.dirname(path)
-    return [dict(r, **{k: os.path.normpath(os.path.join(folder, r[k])) for k in ("tsv", "checkpoint") if r.get(k)})
-            for r in runs]
+    return [
+        dict(
+            r,
+            **{
+                k: os.path.normpath(os.path.join(folder, r[k]))
+                for k in ("tsv", "checkpoint")
+                if r.get(k)
+            },
+        )
+        for r in runs
+    ]
 
 
 def add_to_summary(path, run):
@@ -291,13 +392,20 @@ def add_to_summary(path, run):
         os.makedirs(folder, exist_ok=True)
         lock = open(path + ".lock", "a")
     except OSError as e:
-        raise ValueError(f"cannot write the summary {path} ({e.strerror}); choose another --summary") from None
+        raise ValueError(
+            f"cannot write the summary {path} ({e.strerror}); choose another --summary"
+        ) from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         runs = read_summary(path) if os.path.exists(path) else []
-        runs = [r for r in runs if os.path.realpath(r["tsv"]) != os.path.realpath(run["tsv"])] + [run]
-        stored = [dict(r, **{k: os.path.relpath(r[k], folder) for k in ("tsv", "checkpoint") if r.get(k)}) for r in runs]
-        data.atomic_write(path, lambda p: json.dump({"runs": stored}, open(p, "w"), indent=1))
+        runs = [r for r in runs if os.path.realpath(r["tsv"]) != os.path.realpath(run["tsv"])] + [
+            run
+        ]
+        stored = [
+            dict(r, **{k: os.path.relpath(r[k], folder) for k in ("tsv", "checkpoint") if r.get(k)})
+            for r in runs
+        ]
+        data.atomic_write(path, json.dumps({"runs": stored}, indent=1))
     return runs
 
 
@@ -311,38 +419,48 @@ def curves(runs, step=0.01):
             continue
         rows = read_tsv(run["tsv"])
         grid = [i * step for i in range(int(max([r["radius"] for r in rows] + [0.5]) / step) + 2)]
-        out.append(dict(run, radii=grid, cert_acc=list(certify.summarize(rows, grid)["cert_acc"].values())))
+        out.append(
+            dict(run, radii=grid, cert_acc=list(certify.summarize(rows, grid)["cert_acc"].values()))
+        )
     return out
 
 
 def plot_curves(runs, png_path):
     """Figure 1: approximate certified accuracy against radius, one curve per run, one panel per sigma."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     drawn = curves(runs)
     sigmas = sorted({r["sigma"] for r in drawn}) or [None]
     fig, axes = plt.subplots(1, len(sigmas), figsize=(4.5 * len(sigmas), 3.5), squeeze=False)
     for ax, sigma in zip(axes[0], sigmas):
         for run in (r for r in drawn if r["sigma"] == sigma):
             ax.plot(run["radii"], run["cert_acc"], label=run["name"])
-        ax.set(title=f"sigma = {sigma}", xlabel="radius r (l2, pixel space)", ylabel="certified accuracy")
+        ax.set(
+            title=f"sigma = {sigma}",
+            xlabel="radius r (l2, pixel space)",
+            ylabel="certified accuracy",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    data.atomic_write(png_path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    data.atomic_write(png_path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- paired comparison
-def bootstrap_means(d, resamples, rng, block=2 ** 22):
+def bootstrap_means(d, resamples, rng, block=2**22):
     """(resamples,) means of d resampled with replacement, drawn in blocks of about `block` indices
     (50,000 inputs x 10,000 resamples at once would need 4 GB)."""
     out = np.empty(resamples)
     per = max(1, block // len(d))
     for s in range(0, resamples, per):
         r = min(per, resamples - s)
-        out[s: s + r] = d[rng.integers(0, len(d), (r, len(d)))].mean(1)  # (r, m) indices -> (r,) means
+        out[s : s + r] = d[rng.integers(0, len(d), (r, len(d)))].mean(
+            1
+        )  # (r, m) indices -> (r,) means
     return out
 
 
@@ -357,29 +475,51 @@ def compare(paths, resamples=10_000, seed=0):
         a, b = ({r["idx"]: r for r in read_tsv(p)} for p in (path_a, path_b))
         common = sorted(set(a) & set(b))
         if not common:
-            raise ValueError(f"{path_a} and {path_b} share no inputs; compare results on the same test images")
+            raise ValueError(
+                f"{path_a} and {path_b} share no inputs; compare results on the same test images"
+            )
         for i in common:
             if a[i]["label"] != b[i]["label"]:
-                raise ValueError(f"{path_a} and {path_b} disagree on the label of input {i}: they were not certified "
-                                 "on the same test set")
+                raise ValueError(
+                    f"{path_a} and {path_b} disagree on the label of input {i}: they were not certified "
+                    "on the same test set"
+                )
         s_a, s_b = (certify.summarize([rows[i] for i in common]) for rows in (a, b))
         credit = lambda rows: np.array([rows[i]["radius"] * rows[i]["correct"] for i in common])
         d = credit(b) - credit(a)  # (m,) per-input difference of the ACR's terms
         lo, hi = np.percentile(bootstrap_means(d, resamples, rng), [2.5, 97.5])
         diffs.append(d)
-        pairs.append(dict(a=path_a, b=path_b, n=len(common), acr_a=s_a["acr"], acr_b=s_b["acr"], diff=float(d.mean()),
-                          ci=(float(lo), float(hi)), cert_acc_diff={r: s_b["cert_acc"][r] - s_a["cert_acc"][r]
-                                                                    for r in certify.RADII}))
+        pairs.append(
+            dict(
+                a=path_a,
+                b=path_b,
+                n=len(common),
+                acr_a=s_a["acr"],
+                acr_b=s_b["acr"],
+                diff=float(d.mean()),
+                ci=(float(lo), float(hi)),
+                cert_acc_diff={r: s_b["cert_acc"][r] - s_a["cert_acc"][r] for r in certify.RADII},
+            )
+        )
     result = dict(pairs=pairs, seed=seed)
     if len(pairs) > 1:
         m = len(pairs)
         pick = rng.integers(0, m, (resamples, m))  # the pairs, resampled
-        inner = np.stack([bootstrap_means(d, resamples * m, rng).reshape(resamples, m) for d in diffs])  # (m, resamples, m)
-        two_level = inner[pick, np.arange(resamples)[:, None], np.arange(m)[None, :]].mean(1)  # (resamples,)
+        inner = np.stack(
+            [bootstrap_means(d, resamples * m, rng).reshape(resamples, m) for d in diffs]
+        )  # (m, resamples, m)
+        two_level = inner[pick, np.arange(resamples)[:, None], np.arange(m)[None, :]].mean(
+            1
+        )  # (resamples,)
         lo, hi = np.percentile(two_level, [2.5, 97.5])
-        spread = lambda v: dict(mean=float(np.mean(v)), sd=float(np.std(v, ddof=1)), min=min(v), max=max(v))
-        result.update(diff=float(np.mean([p["diff"] for p in pairs])), ci=(float(lo), float(hi)),
-                      **{key: spread([p[key] for p in pairs]) for key in ("acr_a", "acr_b")})
+        spread = lambda v: dict(
+            mean=float(np.mean(v)), sd=float(np.std(v, ddof=1)), min=min(v), max=max(v)
+        )
+        result.update(
+            diff=float(np.mean([p["diff"] for p in pairs])),
+            ci=(float(lo), float(hi)),
+            **{key: spread([p[key] for p in pairs]) for key in ("acr_a", "acr_b")},
+        )
     return result
 
 
@@ -387,14 +527,21 @@ def format_comparison(c):
     several = len(c["pairs"]) > 1
     lines = []
     for j, p in enumerate(c["pairs"], start=1):
-        lines += [f"{f'pair {j}: ' * several}on the {p['n']} inputs both hold: ACR {p['acr_a']:.3f} (A, {p['a']}), "
-                  f"{p['acr_b']:.3f} (B, {p['b']})\nACR difference B - A: {p['diff']:+.3f}, 95% paired-bootstrap interval "
-                  f"[{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] (seed {c['seed']})\ncertified accuracy difference B - A at radius r",
-                  "".join(f"{r:>7.2f}" for r in p["cert_acc_diff"]), "".join(f"{v:>+7.3f}" for v in p["cert_acc_diff"].values())]
+        lines += [
+            f"{f'pair {j}: ' * several}on the {p['n']} inputs both hold: ACR {p['acr_a']:.3f} (A, {p['a']}), "
+            f"{p['acr_b']:.3f} (B, {p['b']})\nACR difference B - A: {p['diff']:+.3f}, 95% paired-bootstrap interval "
+            f"[{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] (seed {c['seed']})\ncertified accuracy difference B - A at radius r",
+            "".join(f"{r:>7.2f}" for r in p["cert_acc_diff"]),
+            "".join(f"{v:>+7.3f}" for v in p["cert_acc_diff"].values()),
+        ]
     if several:
-        lines.append(f"over the {len(c['pairs'])} pairs: mean ACR difference B - A {c['diff']:+.3f}, 95% two-level bootstrap "
-                     f"interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (pairs resampled, then inputs within each"
-                     + ("; with under 5 pairs the pair level is coarse)" if len(c["pairs"]) < 5 else ")"))
-        lines += [f"ACR of {side} over the pairs: mean {s['mean']:.3f}, SD {s['sd']:.3f}, range {s['min']:.3f} to {s['max']:.3f}"
-                  for side, s in (("A", c["acr_a"]), ("B", c["acr_b"]))]
+        lines.append(
+            f"over the {len(c['pairs'])} pairs: mean ACR difference B - A {c['diff']:+.3f}, 95% two-level bootstrap "
+            f"interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (pairs resampled, then inputs within each"
+            + ("; with under 5 pairs the pair level is coarse)" if len(c["pairs"]) < 5 else ")")
+        )
+        lines += [
+            f"ACR of {side} over the pairs: mean {s['mean']:.3f}, SD {s['sd']:.3f}, range {s['min']:.3f} to {s['max']:.3f}"
+            for side, s in (("A", c["acr_a"]), ("B", c["acr_b"]))
+        ]
     return "\n".join(lines)

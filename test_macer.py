@@ -3,6 +3,7 @@ special case, Lemma 1, Theorems 1 and 2, Proposition 1, and the soundness of eve
 runs the project's code against something trusted (a closed form, a naive loop, float64, finite
 differences or exact quadrature) and fails for the kind of bug its docstring names.
 Run: python -m pytest -q test_macer.py test_tools.py"""
+
 import contextlib
 import copy
 import dataclasses
@@ -71,22 +72,38 @@ def naive_eq17(logits, y, sigma, lbd, gamma, beta):
     n, k, K = logits.shape
     total_cls, total_rob = 0.0, 0.0
     for i in range(n):
-        z_hat = np.mean([np.exp(u - u.max()) / np.exp(u - u.max()).sum() for u in logits[i]], axis=0)
+        z_hat = np.mean(
+            [np.exp(u - u.max()) / np.exp(u - u.max()).sum() for u in logits[i]], axis=0
+        )
         total_cls -= math.log(z_hat[y[i]])
-        z_hat_b = np.mean([np.exp(u - u.max()) / np.exp(u - u.max()).sum() for u in beta * logits[i]], axis=0)
+        z_hat_b = np.mean(
+            [np.exp(u - u.max()) / np.exp(u - u.max()).sum() for u in beta * logits[i]], axis=0
+        )
         z_runner_up = np.max(np.delete(z_hat_b, y[i]))
         if z_hat_b[y[i]] < z_runner_up:
             continue  # not in G
         with np.errstate(divide="ignore"):
             xi = norm.ppf(z_hat_b[y[i]]) - norm.ppf(z_runner_up)
         total_rob += max(gamma - xi, 0.0)
-    return total_cls / n + lbd * sigma / (2 * n) * total_rob, total_cls / n, lbd * sigma / (2 * n) * total_rob
+    return (
+        total_cls / n + lbd * sigma / (2 * n) * total_rob,
+        total_cls / n,
+        lbd * sigma / (2 * n) * total_rob,
+    )
 
 
 @FAST
-@given(n=st.integers(1, 10), k=st.integers(1, 8), K=st.integers(2, 10), scale=st.floats(0.01, 5),
-       sigma=st.floats(0.1, 1.0), lbd=st.floats(0, 20), gamma=st.floats(0.5, 10), beta=st.floats(0.5, 20),
-       seed=st.integers(0, 2 ** 31))
+@given(
+    n=st.integers(1, 10),
+    k=st.integers(1, 8),
+    K=st.integers(2, 10),
+    scale=st.floats(0.01, 5),
+    sigma=st.floats(0.1, 1.0),
+    lbd=st.floats(0, 20),
+    gamma=st.floats(0.5, 10),
+    beta=st.floats(0.5, 20),
+    seed=st.integers(0, 2**31),
+)
 def test_macer_loss_equals_naive_per_input_loop(n, k, K, scale, sigma, lbd, gamma, beta, seed):
     """Catches: a hinge not clipped at gamma, division by |G|, beta in the classification term,
     the mean of logits instead of the mean of softmaxes (k > 1 in nearly every example)."""
@@ -102,7 +119,9 @@ def test_macer_loss_equals_naive_per_input_loop(n, k, K, scale, sigma, lbd, gamm
 
 def test_a_tie_for_the_top_counts_as_in_G():
     """Line 6 with z_y = z_runner_up: the input is in G, xi_hat = 0, and the hinge is gamma."""
-    logits = torch.tensor([[[0.0, 0.0, -5.0]]], dtype=torch.float64)  # (n=1, k=1, K=3): classes 0 and 1 tie
+    logits = torch.tensor(
+        [[[0.0, 0.0, -5.0]]], dtype=torch.float64
+    )  # (n=1, k=1, K=3): classes 0 and 1 tie
     loss_rob = macer_loss(logits, torch.tensor([0]), sigma=0.5, lbd=2.0, gamma=3.0, beta=1.0)[2]
     assert loss_rob.item() == pytest.approx(2.0 * 0.5 / 2 * 3.0)
 
@@ -118,15 +137,23 @@ def test_macer_loss_gradient_equals_finite_differences():
 
 
 @FAST
-@given(K=st.integers(2, 20), margin=st.floats(0.0, 2.5), gamma=st.floats(0.5, 16.0),
-       beta=st.sampled_from([1.0, 4.0, 16.0, 64.0]), k=st.integers(1, 8), seed=st.integers(0, 2 ** 31))
+@given(
+    K=st.integers(2, 20),
+    margin=st.floats(0.0, 2.5),
+    gamma=st.floats(0.5, 16.0),
+    beta=st.sampled_from([1.0, 4.0, 16.0, 64.0]),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 2**31),
+)
 def test_float32_agrees_with_float64_wherever_float64_is_finite(K, margin, gamma, beta, k, seed):
     """Up to gamma = 16, beyond where float32's z_y rounds to 1.0 (xi_hat about 10.6-11.5): with
     PhiInv(z_y) computed as -PhiInv(1 - z_y), 1 - z_y summed from the other classes, float32 keeps
     every input of the hinge region. Catches PhiInv(z_y) computed directly."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(3, k, K, generator=g, dtype=torch.float64) * 0.05
-    logits[:, :, 0] += torch.tensor([margin, margin / 2, 2 * margin], dtype=torch.float64).view(3, 1)
+    logits[:, :, 0] += torch.tensor([margin, margin / 2, 2 * margin], dtype=torch.float64).view(
+        3, 1
+    )
     y = torch.zeros(3, dtype=torch.long)
     want = macer_loss(logits, y, 0.5, 16.0, gamma, beta)[2].item()
     got = macer_loss(logits.float(), y, 0.5, 16.0, gamma, beta)[2].item()
@@ -153,12 +180,14 @@ def test_float32_complement_keeps_the_digits_of_a_z_y_near_one():
 def test_hinge_gradient_is_exactly_zero_outside_G_or_beyond_gamma():
     torch.manual_seed(1)
     n, k, K, beta, gamma = 60, 4, 10, 16.0, 2.0
-    logits = (torch.randn(n, k, K, dtype=torch.float64) * torch.logspace(-2, 0.5, n, dtype=torch.float64).view(n, 1, 1))
+    logits = torch.randn(n, k, K, dtype=torch.float64) * torch.logspace(
+        -2, 0.5, n, dtype=torch.float64
+    ).view(n, 1, 1)
     logits.requires_grad_()
     z_hat = (beta * logits.detach()).softmax(-1).mean(1)  # (n, K)
     y = z_hat.argmax(-1)
     y[::3] = (y[::3] + 1) % K  # every third input leaves G
-    grad, = torch.autograd.grad(macer_loss(logits, y, 0.25, 1.0, gamma, beta)[2], logits)
+    (grad,) = torch.autograd.grad(macer_loss(logits, y, 0.25, 1.0, gamma, beta)[2], logits)
     top2 = z_hat.topk(2).values
     xi = torch.tensor(norm.ppf(top2[:, 0].numpy()) - norm.ppf(top2[:, 1].numpy()))
     in_G = z_hat.argmax(-1) == y
@@ -171,9 +200,11 @@ def test_hinge_gradient_is_exactly_zero_outside_G_or_beyond_gamma():
 def test_two_passes_are_needed_a_single_masked_pass_gives_nan():
     """An input deep in G (1 - z_y about 2e-42 in float32, xi_hat about 27 > gamma): PhiInv' overflows
     there, so a single pass's zero hinge gradient becomes 0 * inf = NaN; robust_hinge gives 0."""
-    logits = torch.tensor([[[6.0, 0.0]]], requires_grad=True)  # beta * margin = 96: exp(-96) is subnormal
+    logits = torch.tensor(
+        [[[6.0, 0.0]]], requires_grad=True
+    )  # beta * margin = 96: exp(-96) is subnormal
     loss = macer_loss(logits, torch.tensor([0]), 0.5, 16.0, 8.0, 16.0)[0]
-    grad, = torch.autograd.grad(loss, logits)
+    (grad,) = torch.autograd.grad(loss, logits)
     assert torch.isfinite(grad).all()
 
     z_hat = F.softmax(16.0 * logits, dim=2).mean(1)  # (1, 2)
@@ -181,20 +212,33 @@ def test_two_passes_are_needed_a_single_masked_pass_gives_nan():
     assert 0 < one_minus_z_y.item() < 1e-38
     xi = -torch.special.ndtri(one_minus_z_y) - torch.special.ndtri(z_runner_up)
     single = torch.where(xi < 8.0, 8.0 - xi, torch.zeros_like(xi))
-    grad_single, = torch.autograd.grad(single.sum(), logits)
+    (grad_single,) = torch.autograd.grad(single.sum(), logits)
     assert torch.isnan(grad_single).any()
     assert robust_hinge(one_minus_z_y, z_runner_up, torch.tensor([True]), 8.0).item() == 0.0
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 8), k=st.integers(1, 6), K=st.integers(2, 12), scale=st.sampled_from([1e-3, 1.0, 30.0, 1e3, 1e4]),
-       beta=st.sampled_from([1.0, 16.0, 64.0]), dtype=st.sampled_from([torch.float32, torch.float64]),
-       in_G=st.booleans(), seed=st.integers(0, 2 ** 31))
-def test_macer_loss_value_and_gradient_finite_for_extreme_logits(n, k, K, scale, beta, dtype, in_G, seed):
+@given(
+    n=st.integers(1, 8),
+    k=st.integers(1, 6),
+    K=st.integers(2, 12),
+    scale=st.sampled_from([1e-3, 1.0, 30.0, 1e3, 1e4]),
+    beta=st.sampled_from([1.0, 16.0, 64.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    in_G=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_macer_loss_value_and_gradient_finite_for_extreme_logits(
+    n, k, K, scale, beta, dtype, in_G, seed
+):
     """No NaN or inf, in value or gradient, for any finite logits (|u| up to 1e4, beta up to 64)."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(n, k, K, generator=g, dtype=dtype) * scale).requires_grad_()
-    y = (logits.detach().softmax(-1).mean(1).argmax(-1) if in_G else torch.randint(0, K, (n,), generator=g))
+    y = (
+        logits.detach().softmax(-1).mean(1).argmax(-1)
+        if in_G
+        else torch.randint(0, K, (n,), generator=g)
+    )
     loss, loss_cls, loss_rob = macer_loss(logits, y, sigma=0.5, lbd=16.0, gamma=8.0, beta=beta)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(loss_cls) and torch.isfinite(loss_rob)
@@ -206,7 +250,9 @@ def test_loss_under_bf16_autocast_is_computed_in_float32():
     would be off by about 1e-2); and under bf16 autocast the network's logits are float32
     (models.LogitLinear), its last layer applied in float32 to the bf16 network's features."""
     torch.manual_seed(0)
-    logits = (torch.randn(8, 4, 10) * 3).to(torch.bfloat16)  # (n, k, K), spread so that both terms matter
+    logits = (torch.randn(8, 4, 10) * 3).to(
+        torch.bfloat16
+    )  # (n, k, K), spread so that both terms matter
     y = (4 * logits.float()).softmax(-1).mean(1).argmax(-1)  # all in G
     with torch.autocast("cpu", torch.bfloat16):
         got = macer_loss(logits, y, 0.25, 12.0, 8.0, 4.0)
@@ -221,7 +267,9 @@ def test_loss_under_bf16_autocast_is_computed_in_float32():
     with torch.autocast("cpu", torch.bfloat16):
         u = net(x)
     assert features["x"].dtype == torch.bfloat16 and u.dtype == torch.float32
-    torch.testing.assert_close(u, F.linear(features["x"].float(), net.fc2.weight, net.fc2.bias), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        u, F.linear(features["x"].float(), net.fc2.weight, net.fc2.bias), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_macer_loss_rejects_bad_arguments_and_takes_an_empty_batch():
@@ -229,9 +277,19 @@ def test_macer_loss_rejects_bad_arguments_and_takes_an_empty_batch():
     for bad_logits in (torch.randn(2, 10), torch.randn(2, 0, 10)):  # no k axis; k = 0
         with pytest.raises(ValueError, match=r"\(n, k, K\)"):
             macer_loss(bad_logits, y, 0.25, 1.0, 8.0, 16.0)
-    for bad in (dict(beta=math.inf), dict(beta=0.0), dict(lbd=-1.0), dict(sigma=-0.25), dict(gamma=math.nan)):
+    for bad in (
+        dict(beta=math.inf),
+        dict(beta=0.0),
+        dict(lbd=-1.0),
+        dict(sigma=-0.25),
+        dict(gamma=math.nan),
+    ):
         with pytest.raises(ValueError):
-            macer_loss(torch.randn(2, 3, 10), y, **{**dict(sigma=0.25, lbd=1.0, gamma=8.0, beta=16.0), **bad})
+            macer_loss(
+                torch.randn(2, 3, 10),
+                y,
+                **{**dict(sigma=0.25, lbd=1.0, gamma=8.0, beta=16.0), **bad},
+            )
     empty = torch.zeros(0, 4, 10, requires_grad=True)
     values = macer_loss(empty, torch.zeros(0, dtype=torch.long), 0.25, 12.0, 8.0, 16.0)
     assert all(v.item() == 0.0 for v in values)
@@ -241,7 +299,12 @@ def test_macer_loss_rejects_bad_arguments_and_takes_an_empty_batch():
 
 # ================================================================ Cohen et al. as k = 1, lambda = 0
 @FAST
-@given(n=st.integers(1, 16), K=st.integers(2, 12), sigma=st.floats(0.05, 1.0), seed=st.integers(0, 2 ** 31))
+@given(
+    n=st.integers(1, 16),
+    K=st.integers(2, 12),
+    sigma=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**31),
+)
 def test_cohen_is_the_special_case_k1_lambda0(n, K, sigma, seed):
     """k = 1, lambda = 0, end to end: macer_loss on a model's logits for noisy_copies(x, 1, sigma)
     equals F.cross_entropy on the same noisy batch, in value and in the gradient with respect to
@@ -254,11 +317,22 @@ def test_cohen_is_the_special_case_k1_lambda0(n, K, sigma, seed):
     x = torch.rand(n, 3, 2, 2, generator=g, dtype=torch.float64)
     y = torch.randint(0, K, (n,), generator=g)
     noise = torch.randn(n, 1, 3, 2, 2, generator=g, dtype=torch.float64)  # (n, k=1, C, H, W)
-    loss = macer_loss(model(noisy_copies(x, 1, sigma, noise)).view(n, 1, K), y, sigma, lbd=0.0, gamma=8.0, beta=16.0)[0]
-    ce = F.cross_entropy(model(x + sigma * noise.view(n, 3, 2, 2)), y)  # (n, 1, C, H, W) -> (n, C, H, W)
+    loss = macer_loss(
+        model(noisy_copies(x, 1, sigma, noise)).view(n, 1, K),
+        y,
+        sigma,
+        lbd=0.0,
+        gamma=8.0,
+        beta=16.0,
+    )[0]
+    ce = F.cross_entropy(
+        model(x + sigma * noise.view(n, 3, 2, 2)), y
+    )  # (n, 1, C, H, W) -> (n, C, H, W)
     torch.testing.assert_close(loss, ce, rtol=1e-12, atol=1e-12)
-    for g_macer, g_ce in zip(torch.autograd.grad(loss, list(model.parameters())),
-                             torch.autograd.grad(ce, list(model.parameters()))):
+    for g_macer, g_ce in zip(
+        torch.autograd.grad(loss, list(model.parameters())),
+        torch.autograd.grad(ce, list(model.parameters())),
+    ):
         torch.testing.assert_close(g_macer, g_ce, rtol=1e-11, atol=1e-13)
 
 
@@ -270,12 +344,16 @@ def test_the_cohen_recipe_is_k1_lambda0():
 
 
 @FAST
-@given(milestones=st.lists(st.integers(1, 12), min_size=1, max_size=3, unique=True).map(sorted),
-       epochs=st.integers(1, 15))
+@given(
+    milestones=st.lists(st.integers(1, 12), min_size=1, max_size=3, unique=True).map(sorted),
+    epochs=st.integers(1, 15),
+)
 def test_footnote5_lambda_is_zero_exactly_until_the_schedulers_first_decay(milestones, epochs):
     """Footnote 5 against the scheduler train.py steps: lambda is 0 in exactly the epochs that run
     at the initial lr. Catches lambda switching at another milestone than the first decay."""
-    cfg = dataclasses.replace(train.recipe("cifar10", 1.0, "macer"), milestones=milestones, epochs=epochs)
+    cfg = dataclasses.replace(
+        train.recipe("cifar10", 1.0, "macer"), milestones=milestones, epochs=epochs
+    )
     train.check_config(cfg)
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     sched = train.lr_schedule(opt, cfg.milestones)
@@ -307,11 +385,21 @@ def test_one_step_of_train_one_epoch_is_algorithm_1_written_out():
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, K)).double()
     reference = copy.deepcopy(model)
     x, y = torch.rand(n, 1, 6, 6, dtype=torch.float64), torch.randint(0, K, (n,))
-    cfg = types.SimpleNamespace(k=k, sigma=sigma, gamma=gamma, beta=beta, grad_clip=0.0, log_every=10**9)
+    cfg = types.SimpleNamespace(
+        k=k, sigma=sigma, gamma=gamma, beta=beta, grad_clip=0.0, log_every=10**9
+    )
     sgd = dict(lr=0.5, momentum=0.9, weight_decay=5e-4)
     before = copy.deepcopy(model)
     torch.manual_seed(7)
-    train.train_one_epoch(model, torch.optim.SGD(model.parameters(), **sgd), [(x, y)], cfg, lbd, contextlib.nullcontext(), print)
+    train.train_one_epoch(
+        model,
+        torch.optim.SGD(model.parameters(), **sgd),
+        [(x, y)],
+        cfg,
+        lbd,
+        contextlib.nullcontext(),
+        print,
+    )
 
     torch.manual_seed(7)
     eta = torch.randn(n, k, 1, 6, 6, dtype=torch.float64)  # line 4: eta_ij ~ N(0, I)
@@ -355,15 +443,28 @@ def radius_or_zero(p_A, sigma, two_sided):
     return certify.radius(p_A, sigma, 1 - p_A if two_sided else None) or 0.0
 
 
-piecewise = st.integers(1, 6).flatmap(lambda m: st.tuples(
-    st.lists(st.floats(-2, 2), min_size=m, max_size=m, unique=True),
-    st.lists(st.sampled_from([0.0, 1.0]) | st.floats(0, 1), min_size=m + 1, max_size=m + 1)))
+piecewise = st.integers(1, 6).flatmap(
+    lambda m: st.tuples(
+        st.lists(st.floats(-2, 2), min_size=m, max_size=m, unique=True),
+        st.lists(st.sampled_from([0.0, 1.0]) | st.floats(0, 1), min_size=m + 1, max_size=m + 1),
+    )
+)
 
 
 @FAST
-@given(f=piecewise, sigma=st.floats(0.1, 1.0), x=st.floats(-2, 2), delta=st.floats(-1, 1), two_sided=st.booleans())
-@example(f=([0.0], [0.0, 1.0]), sigma=1.0, x=0.0, delta=1.0, two_sided=False)  # a half-space, where Lemma 1 is tight:
-@example(f=([0.0], [0.0, 1.0]), sigma=0.5, x=0.1, delta=0.7, two_sided=True)   # any larger radius moves faster
+@given(
+    f=piecewise,
+    sigma=st.floats(0.1, 1.0),
+    x=st.floats(-2, 2),
+    delta=st.floats(-1, 1),
+    two_sided=st.booleans(),
+)
+@example(
+    f=([0.0], [0.0, 1.0]), sigma=1.0, x=0.0, delta=1.0, two_sided=False
+)  # a half-space, where Lemma 1 is tight:
+@example(
+    f=([0.0], [0.0, 1.0]), sigma=0.5, x=0.1, delta=0.7, two_sided=True
+)  # any larger radius moves faster
 def test_lemma1_the_radius_moves_by_at_most_the_distance(f, sigma, x, delta, two_sided):
     """Lemma 1: for f with values in [0, 1], x -> PhiInv(E f(x + eta)) is 1/sigma-Lipschitz, so the
     radius that certify.radius gives from E f moves by at most |delta| between x and x + delta.
@@ -377,8 +478,13 @@ def test_lemma1_the_radius_moves_by_at_most_the_distance(f, sigma, x, delta, two
 
 
 @FAST
-@given(edge=st.floats(-2, 2), x=st.floats(-2, 2), delta=st.floats(-1, 1), sigma=st.floats(0.1, 1.0),
-       two_sided=st.booleans())
+@given(
+    edge=st.floats(-2, 2),
+    x=st.floats(-2, 2),
+    delta=st.floats(-1, 1),
+    sigma=st.floats(0.1, 1.0),
+    two_sided=st.booleans(),
+)
 def test_lemma1_is_tight_for_a_half_space(edge, x, delta, sigma, two_sided):
     """For f = 1[x >= edge], E f(x + eta) = Phi((x - edge) / sigma): the radius is the distance to
     the edge, and moves by exactly delta. Catches a radius that is too small (sigma/2 * PhiInv(p_A)
@@ -390,23 +496,40 @@ def test_lemma1_is_tight_for_a_half_space(edge, x, delta, sigma, two_sided):
     assert R[1] - R[0] == pytest.approx(delta, rel=1e-6, abs=1e-8)
 
 
-classifier_1d = st.tuples(st.integers(2, 5), st.integers(1, 8)).flatmap(lambda Km: st.tuples(
-    st.just(Km[0]), st.lists(st.floats(-2, 2), min_size=Km[1], max_size=Km[1], unique=True),
-    st.lists(st.integers(0, Km[0] - 1), min_size=Km[1] + 1, max_size=Km[1] + 1),
-    st.lists(st.lists(st.floats(0.01, 1), min_size=Km[0], max_size=Km[0]), min_size=Km[1] + 1, max_size=Km[1] + 1)))
+classifier_1d = st.tuples(st.integers(2, 5), st.integers(1, 8)).flatmap(
+    lambda Km: st.tuples(
+        st.just(Km[0]),
+        st.lists(st.floats(-2, 2), min_size=Km[1], max_size=Km[1], unique=True),
+        st.lists(st.integers(0, Km[0] - 1), min_size=Km[1] + 1, max_size=Km[1] + 1),
+        st.lists(
+            st.lists(st.floats(0.01, 1), min_size=Km[0], max_size=Km[0]),
+            min_size=Km[1] + 1,
+            max_size=Km[1] + 1,
+        ),
+    )
+)
 
 
 @FAST
-@given(c=classifier_1d, sigma=st.floats(0.1, 1.0), x0=st.floats(-2, 2), soft=st.booleans(), two_sided=st.booleans())
-def test_theorems_1_and_2_prediction_constant_within_certified_radius(c, sigma, x0, soft, two_sided):
+@given(
+    c=classifier_1d,
+    sigma=st.floats(0.1, 1.0),
+    x0=st.floats(-2, 2),
+    soft=st.booleans(),
+    two_sided=st.booleans(),
+)
+def test_theorems_1_and_2_prediction_constant_within_certified_radius(
+    c, sigma, x0, soft, two_sided
+):
     """Theorem 1 (Hard-RS, one-hot f) and Theorem 2 (Soft-RS, z in the simplex): the exactly
     smoothed prediction stays class A everywhere within the radius that certify.radius computes
     from the exact probabilities, either as sigma * PhiInv(p_A) or sigma/2 (PhiInv p_A - PhiInv p_B).
     The radius is shrunk by what float64 rounding of p_A and p_B can add to it (p_A = 1 - 3e-14
     moves PhiInv by 1e-3), and the margin at the checked points allows the same rounding."""
     K, edges, labels, weights = c
-    values = (np.array(weights) / np.sum(weights, 1, keepdims=True) if soft
-              else np.eye(K)[labels])  # (m + 1, K): the value of f (hard) or z (soft) on each interval
+    values = (
+        np.array(weights) / np.sum(weights, 1, keepdims=True) if soft else np.eye(K)[labels]
+    )  # (m + 1, K): the value of f (hard) or z (soft) on each interval
     p = smoothed_1d([x0], edges, values, sigma)[0]
     order = np.argsort(-p)
     A, p_A, p_B = order[0], p[order[0]], p[order[1]]
@@ -422,7 +545,9 @@ def test_theorems_1_and_2_prediction_constant_within_certified_radius(c, sigma, 
 
 def test_two_sided_radius_formula():
     """Eq. 8 / Eq. 16 with a p_B below 1 - p_A: sigma/2 (PhiInv 0.8 - PhiInv 0.1); abstain if p_A <= p_B."""
-    assert certify.radius(0.8, 0.5, 0.1) == pytest.approx(0.25 * (0.8416212335729143 + 1.2815515655446004))
+    assert certify.radius(0.8, 0.5, 0.1) == pytest.approx(
+        0.25 * (0.8416212335729143 + 1.2815515655446004)
+    )
     assert certify.radius(0.3, 0.5, 0.3) is None and certify.radius(0.5, 0.5) is None
 
 
@@ -437,12 +562,18 @@ def proposition1_bounds(K, gamma):
     """Appendix B's intervals, 1/K <= p_1 <= p* and (1 - p*)/(K - 1) <= p_2 <= 1 - p* with
     PhiInv(p*) = gamma, and the largest PhiInv' on each: (B_1, B_2)."""
     p_star = norm.cdf(gamma)
-    return phi_inv_derivative_bound(1 / K, p_star), phi_inv_derivative_bound((1 - p_star) / (K - 1), 1 - p_star)
+    return phi_inv_derivative_bound(1 / K, p_star), phi_inv_derivative_bound(
+        (1 - p_star) / (K - 1), 1 - p_star
+    )
 
 
 @FAST
-@given(K=st.integers(2, 1000), log_w=st.lists(st.floats(-60, 0), min_size=2, max_size=50),
-       gamma=st.floats(0.5, 8.0), seed=st.integers(0, 2 ** 31))
+@given(
+    K=st.integers(2, 1000),
+    log_w=st.lists(st.floats(-60, 0), min_size=2, max_size=50),
+    gamma=st.floats(0.5, 8.0),
+    seed=st.integers(0, 2**31),
+)
 def test_proposition1_bounded_gradient_of_clipped_xi(K, log_w, gamma, seed):
     """Proposition 1: where xi = PhiInv(p_1) - PhiInv(p_2) < gamma, the gradient of min(xi, gamma)
     that robust_hinge gives is PhiInv'(p_1) = 1 / phi(PhiInv(p_1)) in p_1 and -PhiInv'(p_2) in p_2,
@@ -452,7 +583,9 @@ def test_proposition1_bounded_gradient_of_clipped_xi(K, log_w, gamma, seed):
     w = np.exp(np.resize(np.array(log_w), K) + rng.uniform(-1, 1, K) * (rng.random() < 0.5))
     p = np.sort(w / w.sum())[::-1]
     xi = norm.ppf(p[0]) - norm.ppf(p[1])
-    assume(abs(xi - gamma) > 1e-9)  # the kink, where float64's xi and torch's may fall on either side
+    assume(
+        abs(xi - gamma) > 1e-9
+    )  # the kink, where float64's xi and torch's may fall on either side
     p1 = torch.tensor([p[0]], dtype=torch.float64, requires_grad=True)
     p2 = torch.tensor([p[1]], dtype=torch.float64, requires_grad=True)
     clipped_xi = gamma - robust_hinge(1 - p1, p2, torch.tensor([True]), gamma)  # min(xi, gamma)
@@ -467,12 +600,26 @@ def test_proposition1_bounded_gradient_of_clipped_xi(K, log_w, gamma, seed):
 
 
 @FAST
-@given(n=st.integers(1, 8), k=st.integers(1, 8), K=st.integers(2, 12), scale=st.floats(0.01, 3.0),
-       margin=st.floats(0.0, 8.0), beta=st.sampled_from([1.0, 4.0, 16.0]), gamma=st.floats(0.5, 8.0),
-       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2 ** 31))
-@example(n=1, k=1, K=2, scale=0.01, margin=6.0, beta=16.0, gamma=8.0, dtype=torch.float32, seed=0)  # 1 - z_y = 2e-42
-@example(n=1, k=1, K=2, scale=1e-4, margin=0.0, beta=16.0, gamma=0.5, dtype=torch.float64, seed=0)  # near a tie: 0.88 of the bound; beta twice: 14x
-def test_proposition1_bounds_the_hinge_gradient_in_the_logits(n, k, K, scale, margin, beta, gamma, dtype, seed):
+@given(
+    n=st.integers(1, 8),
+    k=st.integers(1, 8),
+    K=st.integers(2, 12),
+    scale=st.floats(0.01, 3.0),
+    margin=st.floats(0.0, 8.0),
+    beta=st.sampled_from([1.0, 4.0, 16.0]),
+    gamma=st.floats(0.5, 8.0),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31),
+)
+@example(
+    n=1, k=1, K=2, scale=0.01, margin=6.0, beta=16.0, gamma=8.0, dtype=torch.float32, seed=0
+)  # 1 - z_y = 2e-42
+@example(
+    n=1, k=1, K=2, scale=1e-4, margin=0.0, beta=16.0, gamma=0.5, dtype=torch.float64, seed=0
+)  # near a tie: 0.88 of the bound; beta twice: 14x
+def test_proposition1_bounds_the_hinge_gradient_in_the_logits(
+    n, k, K, scale, margin, beta, gamma, dtype, seed
+):
     """What training relies on: through z_hat = (1/k) sum_j softmax(beta u_j), the gradient of input
     i's hinge in the logits of its copy j is bounded, |d hinge_i / d u_ij|_1 <= beta/(2k) (B_1 + B_2),
     since d z^c / d u_j = (beta/k) s_j^c (e_c - s_j) has l1 norm (beta/k) 2 s_j^c (1 - s_j^c) <= beta/(2k)
@@ -485,8 +632,10 @@ def test_proposition1_bounds_the_hinge_gradient_in_the_logits(n, k, K, scale, ma
     logits[:, :, 0] += margin
     logits = logits.to(dtype).requires_grad_()
     y = (beta * logits.detach()).softmax(-1).mean(1).argmax(-1)  # all in G
-    loss_rob = macer_loss(logits, y, sigma=1.0, lbd=2.0, gamma=gamma, beta=beta)[2]  # = sum_i hinge_i / n
-    grad, = torch.autograd.grad(loss_rob * n, logits)
+    loss_rob = macer_loss(logits, y, sigma=1.0, lbd=2.0, gamma=gamma, beta=beta)[
+        2
+    ]  # = sum_i hinge_i / n
+    (grad,) = torch.autograd.grad(loss_rob * n, logits)
     B_1, B_2 = proposition1_bounds(K, gamma)
     assert torch.isfinite(grad).all()
     assert (grad.abs().sum(-1) <= beta / (2 * k) * (B_1 + B_2) * (1 + 1e-5)).all()
@@ -513,9 +662,17 @@ def test_eq25_sample_variance_and_eq23_eq26_bounds(z):
     z, n, alpha = np.array(z), len(z), 0.001
     S2 = certify.sample_variance(z.sum(), (z * z).sum(), n)
     assert S2 == pytest.approx(np.var(z, ddof=1), rel=1e-9, abs=1e-12)
-    want = z.mean() - math.sqrt(2 * np.var(z, ddof=1) * math.log(2 / alpha) / n) - 7 * math.log(2 / alpha) / (3 * (n - 1))
-    assert certify.bernstein_lower(z.mean(), S2, n, alpha) == pytest.approx(want, rel=1e-9, abs=1e-7)
-    assert certify.hoeffding_lower(z.mean(), n, alpha) == pytest.approx(z.mean() - math.sqrt(math.log(1 / alpha) / (2 * n)))
+    want = (
+        z.mean()
+        - math.sqrt(2 * np.var(z, ddof=1) * math.log(2 / alpha) / n)
+        - 7 * math.log(2 / alpha) / (3 * (n - 1))
+    )
+    assert certify.bernstein_lower(z.mean(), S2, n, alpha) == pytest.approx(
+        want, rel=1e-9, abs=1e-7
+    )
+    assert certify.hoeffding_lower(z.mean(), n, alpha) == pytest.approx(
+        z.mean() - math.sqrt(math.log(1 / alpha) / (2 * n))
+    )
 
 
 class Linear2(nn.Module):
@@ -535,12 +692,26 @@ class Linear2(nn.Module):
 def test_certify_equals_cohens_steps_written_out(bound):
     """CERTIFY against a naive rewrite on the same noise: selection from n0 samples, then the bound
     from n fresh ones, counted and averaged in numpy (S^2 by numpy's var(ddof=1))."""
-    model, sigma, beta, n0, n, alpha, bs = Linear2([0.6, -0.8], 0.05, 3.0), 0.5, 2.0, 50, 3000, 0.01, 700
+    model, sigma, beta, n0, n, alpha, bs = (
+        Linear2([0.6, -0.8], 0.05, 3.0),
+        0.5,
+        2.0,
+        50,
+        3000,
+        0.01,
+        700,
+    )
     x = torch.tensor([0.1, 0.05], dtype=torch.float64)
-    c_A, R = Smooth(model, 2, sigma, beta).certify(x, n0, n, alpha, bs, bound, torch.Generator().manual_seed(5))
+    c_A, R = Smooth(model, 2, sigma, beta).certify(
+        x, n0, n, alpha, bs, bound, torch.Generator().manual_seed(5)
+    )
     g = torch.Generator().manual_seed(5)
-    draw = lambda num: torch.cat([x + sigma * torch.randn(min(bs, num - s), 2, dtype=torch.float64, generator=g)
-                                  for s in range(0, num, bs)])  # (num, 2), in certify's batches
+    draw = lambda num: torch.cat(
+        [
+            x + sigma * torch.randn(min(bs, num - s), 2, dtype=torch.float64, generator=g)
+            for s in range(0, num, bs)
+        ]
+    )  # (num, 2), in certify's batches
     u0, u = model(draw(n0)).numpy(), model(draw(n)).numpy()
     if bound == "clopper-pearson":
         want_c = np.bincount(u0.argmax(1), minlength=2).argmax()
@@ -550,10 +721,17 @@ def test_certify_equals_cohens_steps_written_out(bound):
         z0, z = (np.exp(beta * v) / np.exp(beta * v).sum(1, keepdims=True) for v in (u0, u))
         want_c = z0.sum(0).argmax()
         z_A = z[:, want_c]
-        p_low = (z_A.mean() - math.sqrt(math.log(1 / alpha) / (2 * n)) if bound == "hoeffding" else
-                 z_A.mean() - math.sqrt(2 * np.var(z_A, ddof=1) * math.log(2 / alpha) / n) - 7 * math.log(2 / alpha) / (3 * (n - 1)))
+        p_low = (
+            z_A.mean() - math.sqrt(math.log(1 / alpha) / (2 * n))
+            if bound == "hoeffding"
+            else z_A.mean()
+            - math.sqrt(2 * np.var(z_A, ddof=1) * math.log(2 / alpha) / n)
+            - 7 * math.log(2 / alpha) / (3 * (n - 1))
+        )
     assert p_low > 0.5 and c_A == want_c
-    assert R == pytest.approx(sigma * norm.ppf(p_low), rel=1e-6)  # certify's softmax runs in float32
+    assert R == pytest.approx(
+        sigma * norm.ppf(p_low), rel=1e-6
+    )  # certify's softmax runs in float32
 
 
 class Recorder(nn.Module):
@@ -582,7 +760,9 @@ def test_smooth_noise_is_iid_gaussian_within_and_across_inputs():
 
 
 @settings(max_examples=12, deadline=None)
-@given(ratio=st.floats(0.8, 2.5), sigma=st.sampled_from([0.25, 0.5, 1.0]), seed=st.integers(0, 2 ** 31))
+@given(
+    ratio=st.floats(0.8, 2.5), sigma=st.sampled_from([0.25, 0.5, 1.0]), seed=st.integers(0, 2**31)
+)
 def test_certify_finds_the_distance_to_a_half_space(ratio, sigma, seed):
     """Cohen's linear case: f(x) = 1[w.x + b > 0] at distance d from the hyperplane has
     p_A = Phi(d / sigma), so its exact radius is d. CERTIFY on sampled counts (n = 100,000) gives
@@ -598,10 +778,14 @@ def test_certify_finds_the_distance_to_a_half_space(ratio, sigma, seed):
     smooth = Smooth(Linear2(w, d - float(x @ w)), 2, sigma)
     c_A, R = smooth.certify(x, 100, n, alpha, n, generator=torch.Generator().manual_seed(seed))
     p_A = norm.cdf(d / sigma)
-    R_lo, R_hi = (sigma * norm.ppf(certify.clopper_pearson_lower(int(binom.ppf(q, n, p_A)), n, alpha))
-                  for q in (1e-9, 1 - 1e-9))
+    R_lo, R_hi = (
+        sigma * norm.ppf(certify.clopper_pearson_lower(int(binom.ppf(q, n, p_A)), n, alpha))
+        for q in (1e-9, 1 - 1e-9)
+    )
     assert c_A == 1 and R_lo - 1e-9 <= R <= R_hi + 1e-9  # so d - R <= d - R_lo, the bound's slack
-    assert R_lo > 0.6 * d and R_hi < 1.2 * d  # the window is narrow enough to see a radius off by a factor
+    assert (
+        R_lo > 0.6 * d and R_hi < 1.2 * d
+    )  # the window is narrow enough to see a radius off by a factor
 
 
 def soft_z_A_exact(margin_w, norm_w, sigma, beta_s):
@@ -634,14 +818,20 @@ def test_certificate_exceeds_the_truth_at_most_alpha_of_the_time(bound, where):
     b = 0.1 if where == "inside" else -float(x @ w)
     margin = float(x @ w) + b
     soft = bound != "clopper-pearson"
-    scale, beta = (5.0, 4.0) if soft else (1.0, 1.0)  # z = sigmoid(20 t): near 0/1, so high variance
+    scale, beta = (
+        (5.0, 4.0) if soft else (1.0, 1.0)
+    )  # z = sigmoid(20 t): near 0/1, so high variance
     smooth = Smooth(Linear2(w, b, scale), 2, sigma, beta=beta)
     true_R = sigma * norm.ppf(soft_z_A_exact(margin, 1.0, sigma, beta * scale)) if soft else margin
     if not soft:  # the closed form itself, against sampling
-        assert norm.cdf(margin / sigma) == pytest.approx(smooth._counts(x, 200_000, 200_000, None)[1].item() / 200_000, abs=0.005)
+        assert norm.cdf(margin / sigma) == pytest.approx(
+            smooth._counts(x, 200_000, 200_000, None)[1].item() / 200_000, abs=0.005
+        )
     results = [smooth.certify(x, 20, n, alpha, n, bound) for _ in range(repeats)]
     over = sum(c != Smooth.ABSTAIN and (R > true_R + 1e-12 or c != 1) for c, R in results)
-    assert over <= binom.ppf(1 - 1e-7, repeats, alpha), f"{over}/{repeats} certificates exceed the truth"
+    assert over <= binom.ppf(1 - 1e-7, repeats, alpha), (
+        f"{over}/{repeats} certificates exceed the truth"
+    )
     if where == "inside":  # with many samples the certificate comes close to the truth from below
         c_A, R = smooth.certify(x, 100, 1_000_000, 1e-7, 100_000, bound)
         assert c_A == 1 and true_R - 0.02 < R <= true_R + 1e-3
@@ -651,7 +841,9 @@ def test_predict_at_the_decision_boundary_abstains_except_with_probability_alpha
     torch.manual_seed(0)
     smooth = Smooth(Linear2([1.0, 0.0], 0.0), 2, 0.5)
     x, alpha, repeats = torch.zeros(2, dtype=torch.float64), 0.1, 2000
-    answered = sum(smooth.predict(x, 100, alpha, 100) != Smooth.ABSTAIN for _ in range(repeats))  # 0.5 vs 0.5
+    answered = sum(
+        smooth.predict(x, 100, alpha, 100) != Smooth.ABSTAIN for _ in range(repeats)
+    )  # 0.5 vs 0.5
     assert answered <= binom.ppf(1 - 1e-7, repeats, alpha)  # fails with probability below 1e-7
     assert smooth.predict(torch.tensor([2.0, 0.0], dtype=torch.float64), 100, alpha, 100) == 1
 
@@ -676,7 +868,10 @@ def test_non_finite_logits_never_vote(bound):
     x = torch.zeros(2, dtype=torch.float64)
     for threshold in (-math.inf, 0.0):
         with pytest.warns(UserWarning, match="non-finite"):
-            assert Smooth(NaNWhere(threshold), 2, 0.5).certify(x, 50, 2000, 0.001, 500, bound) == (Smooth.ABSTAIN, 0.0)
+            assert Smooth(NaNWhere(threshold), 2, 0.5).certify(x, 50, 2000, 0.001, 500, bound) == (
+                Smooth.ABSTAIN,
+                0.0,
+            )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning when every sample is finite
         assert Smooth(NaNWhere(math.inf), 2, 0.5).certify(x, 50, 2000, 0.001, 500, bound)[0] == 1
@@ -684,7 +879,10 @@ def test_non_finite_logits_never_vote(bound):
     image = torch.rand(1, 28, 28)
     image[0, 3, 3] = math.nan  # one NaN pixel
     with pytest.warns(UserWarning, match="non-finite"):
-        assert Smooth(lenet, 10, 0.25).certify(image, 10, 100, 0.001, 100, bound) == (Smooth.ABSTAIN, 0.0)
+        assert Smooth(lenet, 10, 0.25).certify(image, 10, 100, 0.001, 100, bound) == (
+            Smooth.ABSTAIN,
+            0.0,
+        )
     with pytest.warns(UserWarning):
         assert Smooth(NaNWhere(-math.inf), 2, 0.5).predict(x, 100, 0.001, 100) == Smooth.ABSTAIN
 
@@ -692,7 +890,10 @@ def test_non_finite_logits_never_vote(bound):
 def test_summary_matches_definitions():
     """Section 5's metrics: approximate certified accuracy at r (correct and radius >= r) and the
     ACR, where a wrong or abstained input counts 0."""
-    rows = [dict(label=l, predict=p, radius=R) for l, p, R in zip([0, 1, 2, 3], [0, 1, -1, 0], [0.3, 1.2, 0.0, 0.9])]
+    rows = [
+        dict(label=l, predict=p, radius=R)
+        for l, p, R in zip([0, 1, 2, 3], [0, 1, -1, 0], [0.3, 1.2, 0.0, 0.9])
+    ]
     s = certify.summarize(rows)
     assert s["acr"] == pytest.approx((0.3 + 1.2) / 4)
     assert s["cert_acc"][0.0] == 0.5 and s["cert_acc"][0.25] == 0.5 and s["cert_acc"][0.5] == 0.25

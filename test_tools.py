@@ -1,6 +1,7 @@
 """The tools beside the paper: Smooth as a library, results files, comparison, models and
 checkpoints, data readers, train.py and certify.py end to end (one process and torchrun), and the
 mistakes a user can make, each ending in one sentence. Run: python -m pytest -q test_macer.py test_tools.py"""
+
 import errno
 import gzip
 import json
@@ -35,19 +36,37 @@ QUIET = lambda *a, **k: None
 def test_smooth_rejects_bad_arguments_with_a_sentence():
     model, x = Linear2([1.0, 0.0], 0.0), torch.zeros(2, dtype=torch.float64)
     good = dict(x=x, n0=10, n=100, alpha=0.001, batch_size=50, bound="clopper-pearson")
-    for bad, words in [(dict(batch_size=0), "batch_size"), (dict(alpha=1.0), "alpha"), (dict(alpha=1.5), "alpha"),
-                       (dict(n=0), "n must"), (dict(n=1, bound="bernstein"), "n >= 2"), (dict(bound="wald"), "bound"),
-                       (dict(x=x.view(1, 2)), "without a batch dimension")]:  # nn.Linear keeps the extra dimension
+    for bad, words in [
+        (dict(batch_size=0), "batch_size"),
+        (dict(alpha=1.0), "alpha"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(n=0), "n must"),
+        (dict(n=1, bound="bernstein"), "n >= 2"),
+        (dict(bound="wald"), "bound"),
+        (dict(x=x.view(1, 2)), "without a batch dimension"),
+    ]:  # nn.Linear keeps the extra dimension
         with pytest.raises(ValueError, match=words):
             Smooth(nn.Linear(2, 2).double(), 2, 0.5).certify(**{**good, **bad})
-    for args, words in [((model, 2, -0.5), "sigma"), ((model, 2, 0.5, -1.0), "beta"), ((model, 1, 0.5), "num_classes")]:
+    for args, words in [
+        ((model, 2, -0.5), "sigma"),
+        ((model, 2, 0.5, -1.0), "beta"),
+        ((model, 1, 0.5), "num_classes"),
+    ]:
         with pytest.raises(ValueError, match=words):
             Smooth(*args)
-    with pytest.raises(ValueError, match="num_classes"):  # a 10-class network certified as 2 classes
+    with pytest.raises(
+        ValueError, match="num_classes"
+    ):  # a 10-class network certified as 2 classes
         Smooth(models.get_model("mnist"), 2, 0.5).certify(torch.rand(1, 28, 28), 10, 100, 0.001, 50)
-    with pytest.raises(ValueError, match="without a batch dimension"):  # LeNet's conv2d rejects (b, 1, 1, 28, 28)
-        Smooth(models.get_model("mnist"), 10, 0.5).certify(torch.rand(1, 1, 28, 28), 10, 100, 0.001, 50)
-    assert Smooth(NaNWhere(math.inf), 2, 0.5).certify(x, 10, 100, 0.001, 50)[0] == 1  # no parameters at all
+    with pytest.raises(
+        ValueError, match="without a batch dimension"
+    ):  # LeNet's conv2d rejects (b, 1, 1, 28, 28)
+        Smooth(models.get_model("mnist"), 10, 0.5).certify(
+            torch.rand(1, 1, 28, 28), 10, 100, 0.001, 50
+        )
+    assert (
+        Smooth(NaNWhere(math.inf), 2, 0.5).certify(x, 10, 100, 0.001, 50)[0] == 1
+    )  # no parameters at all
 
 
 class Raises(nn.Module):
@@ -65,9 +84,13 @@ def test_a_classifier_error_keeps_its_message_and_out_of_memory_says_lower_the_b
         Smooth(Raises(RuntimeError("cuDNN went away")), 2, 0.5).certify(x, 10, 100, 0.001, 50)
     assert "batch dimension" not in str(e.value)
     with pytest.raises(MemoryError, match="lower batch_size"):
-        Smooth(Raises(torch.OutOfMemoryError("CUDA out of memory")), 2, 0.5).certify(x, 10, 100, 0.001, 50)
+        Smooth(Raises(torch.OutOfMemoryError("CUDA out of memory")), 2, 0.5).certify(
+            x, 10, 100, 0.001, 50
+        )
     with pytest.raises(MemoryError, match="lower batch_size"):  # the CPU allocator's words
-        Smooth(Raises(RuntimeError("DefaultCPUAllocator: can't allocate memory")), 2, 0.5).predict(x, 100, 0.001, 50)
+        Smooth(Raises(RuntimeError("DefaultCPUAllocator: can't allocate memory")), 2, 0.5).predict(
+            x, 100, 0.001, 50
+        )
 
 
 def test_smooth_restores_each_modules_mode():
@@ -84,7 +107,9 @@ def test_smooth_restores_each_modules_mode():
     assert seen and not any(seen)  # eval mode while sampling
     assert [m.training for m in net.modules()] == modes
     with pytest.raises(ValueError):
-        smooth.certify(torch.rand(5), 10, 50, 0.001, 25)  # the wrong size: Linear(4, 8) fails inside
+        smooth.certify(
+            torch.rand(5), 10, 50, 0.001, 25
+        )  # the wrong size: Linear(4, 8) fails inside
     assert [m.training for m in net.modules()] == modes
 
 
@@ -94,14 +119,18 @@ def test_largest_radius_is_where_every_sample_agrees():
     caps = [certify.largest_radius(s, 100_000, 0.001, "clopper-pearson") for s in (0.25, 0.5, 1.0)]
     assert [round(c, 3) for c in caps] == [0.953, 1.906, 3.811]
     assert caps[0] == pytest.approx(0.25 * norm.ppf(0.001 ** (1 / 100_000)))
-    assert certify.largest_radius(0.5, 100_000, 0.001, "hoeffding") == pytest.approx(0.5 * norm.ppf(1 - math.sqrt(math.log(1000) / 2e5)))
+    assert certify.largest_radius(0.5, 100_000, 0.001, "hoeffding") == pytest.approx(
+        0.5 * norm.ppf(1 - math.sqrt(math.log(1000) / 2e5))
+    )
     assert certify.largest_radius(0.25, 1, 0.001, "clopper-pearson") is None
     assert certify.largest_radius(0.25, 100, 1e-300, "bernstein") is None
 
 
 # ================================================================ results files
 def toy_set(labels=(0, 1, 0, 1, 0, 1)):
-    return data.TensorImages(torch.zeros(len(labels), 1, 1, 3, dtype=torch.uint8), torch.tensor(labels))
+    return data.TensorImages(
+        torch.zeros(len(labels), 1, 1, 3, dtype=torch.uint8), torch.tensor(labels)
+    )
 
 
 class Stub(nn.Module):
@@ -112,16 +141,40 @@ class Stub(nn.Module):
 
 
 def toy_settings(**change):
-    return {**dict(checkpoint_sha256="aa", dataset="toy", test_set_sha256="t", normalize=True, sigma=0.25, beta=None,
-                   n0=10, n=100, alpha=0.001, bound="clopper-pearson", precision="fp32", seed=0, noise=results.NOISE,
-                   batch=50, noise_device="cpu"), **change}
+    return {
+        **dict(
+            checkpoint_sha256="aa",
+            dataset="toy",
+            test_set_sha256="t",
+            normalize=True,
+            sigma=0.25,
+            beta=None,
+            n0=10,
+            n=100,
+            alpha=0.001,
+            bound="clopper-pearson",
+            precision="fp32",
+            seed=0,
+            noise=results.NOISE,
+            batch=50,
+            noise_device="cpu",
+        ),
+        **change,
+    }
 
 
 def cert(out, indices, log=QUIET, overwrite=False, images=None, smooth=None, **change):
     settings = toy_settings(**change)
     smooth = smooth or Smooth(Stub(), 2, settings["sigma"])
-    return results.certify_into(str(out), smooth, images or toy_set(), indices, settings, overwrite,
-                                log=lambda line, **k: log(line))
+    return results.certify_into(
+        str(out),
+        smooth,
+        images or toy_set(),
+        indices,
+        settings,
+        overwrite,
+        log=lambda line, **k: log(line),
+    )
 
 
 def test_results_tsv_is_appended_and_resumed(tmp_path):
@@ -133,21 +186,36 @@ def test_results_tsv_is_appended_and_resumed(tmp_path):
     assert [r["idx"] for r in rows] == [0, 2, 4, 5] and "2 inputs done" in lines[0]
     assert open(out).readline().strip() == results.HEADER
     R = 0.25 * norm.ppf(0.001 ** (1 / 100))
-    assert rows[0]["radius"] == pytest.approx(R, rel=1e-3) and rows[3]["correct"] == 1 and rows[0]["correct"] == 0
-    assert s1["n"] == 2 and s2["n"] == 4 and s2["acr"] == pytest.approx(R / 4, rel=1e-3)  # only idx 5 is correct
-    assert s2["seconds"] == pytest.approx(sum(r["time"] for r in rows), abs=0.005)  # the TSV keeps 3 decimals
+    assert (
+        rows[0]["radius"] == pytest.approx(R, rel=1e-3)
+        and rows[3]["correct"] == 1
+        and rows[0]["correct"] == 0
+    )
+    assert (
+        s1["n"] == 2 and s2["n"] == 4 and s2["acr"] == pytest.approx(R / 4, rel=1e-3)
+    )  # only idx 5 is correct
+    assert s2["seconds"] == pytest.approx(
+        sum(r["time"] for r in rows), abs=0.005
+    )  # the TSV keeps 3 decimals
 
 
 def test_results_made_with_other_settings_are_never_mixed(tmp_path):
     out = tmp_path / "r.tsv"
     cert(out, [0, 1])
-    for change in (dict(sigma=0.5), dict(checkpoint_sha256="bb"), dict(normalize=False), dict(dataset="other"),
-                   dict(test_set_sha256="u")):
+    for change in (
+        dict(sigma=0.5),
+        dict(checkpoint_sha256="bb"),
+        dict(normalize=False),
+        dict(dataset="other"),
+        dict(test_set_sha256="u"),
+    ):
         with pytest.raises(ValueError, match=f"other settings \\({next(iter(change))}\\)"):
             cert(out, [0, 1, 2], **change)
     s = cert(out, [0, 1, 2], sigma=0.5, overwrite=True)
-    assert s["n"] == 3 and all(r["radius"] == pytest.approx(0.5 * norm.ppf(0.001 ** 0.01), rel=1e-3)
-                               for r in results.read_tsv(str(out)))
+    assert s["n"] == 3 and all(
+        r["radius"] == pytest.approx(0.5 * norm.ppf(0.001**0.01), rel=1e-3)
+        for r in results.read_tsv(str(out))
+    )
 
 
 def test_rows_drawn_otherwise_are_read_but_never_appended_to(tmp_path):
@@ -167,11 +235,15 @@ def test_a_cut_off_last_row_is_dropped_and_certified_again(tmp_path):
     out = tmp_path / "r.tsv"
     cert(out, [0, 1, 2, 3])
     text = open(out).read()
-    open(out, "w").write(text[: text.rindex("\n", 0, -1) + 1] + "3\t1\t1\t0.2")  # the last row, cut short
+    open(out, "w").write(
+        text[: text.rindex("\n", 0, -1) + 1] + "3\t1\t1\t0.2"
+    )  # the last row, cut short
     lines = []
     s = cert(out, [0, 1, 2, 3, 4], log=lines.append)
     assert any("cut-off" in l for l in lines) and s["n"] == 5
-    assert [r["idx"] for r in results.read_tsv(str(out))] == [0, 1, 2, 3, 4] and open(out).read().endswith("\n")
+    assert [r["idx"] for r in results.read_tsv(str(out))] == [0, 1, 2, 3, 4] and open(
+        out
+    ).read().endswith("\n")
 
 
 def test_an_empty_results_file_is_started_and_a_corrupt_one_refused(tmp_path):
@@ -192,10 +264,19 @@ def test_a_second_writer_is_refused(tmp_path):
     results.open_results(out, toy_settings(), [0], results.row_check(), log=QUIET)[0].close()
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("radius", "5.00000", "outside"), ("radius", "nan", "outside"), ("radius", "inf", "outside"),
-    ("radius", "-3", "outside"), ("predict", "42", "predict 42"), ("label", "0", "label 0 is not the test set's"),
-    ("idx", "99", "not in the test set"), ("correct", "0", "correct is 0")])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("radius", "5.00000", "outside"),
+        ("radius", "nan", "outside"),
+        ("radius", "inf", "outside"),
+        ("radius", "-3", "outside"),
+        ("predict", "42", "predict 42"),
+        ("label", "0", "label 0 is not the test set's"),
+        ("idx", "99", "not in the test set"),
+        ("correct", "0", "correct is 0"),
+    ],
+)
 def test_every_row_is_checked_against_its_settings_and_the_test_set(tmp_path, field, value, words):
     """A row edited by hand is refused, naming its line, when resumed, read or compared: never summed."""
     out = tmp_path / "r.tsv"
@@ -219,7 +300,11 @@ def test_every_row_is_checked_against_its_settings_and_the_test_set(tmp_path, fi
 def test_settings_and_paths_that_are_not_results_files_are_never_written(tmp_path):
     """--out at a text file, a config.json, a settings record: refused, and the file is unchanged;
     --out not ending in .tsv (col.tsv and col.txt would share col_settings.json) is refused."""
-    for name, text in (("notes.tsv", "hello\nworld"), ("config.json", '{"a": 1}'), ("r_settings.tsv", '{\n "sigma": 0.25\n}')):
+    for name, text in (
+        ("notes.tsv", "hello\nworld"),
+        ("config.json", '{"a": 1}'),
+        ("r_settings.tsv", '{\n "sigma": 0.25\n}'),
+    ):
         path = tmp_path / name
         path.write_text(text)
         with pytest.raises(ValueError):
@@ -255,8 +340,12 @@ def test_noise_is_per_input_whatever_the_order_the_company_or_a_resume(tmp_path)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3, 3))
     smooth = Smooth(net, 3, 0.5)
-    dataset = data.TensorImages(torch.randint(0, 255, (6, 1, 1, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2]))
-    rows = lambda name: {r["idx"]: (r["predict"], r["radius"]) for r in results.read_tsv(str(tmp_path / name))}
+    dataset = data.TensorImages(
+        torch.randint(0, 255, (6, 1, 1, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])
+    )
+    rows = lambda name: {
+        r["idx"]: (r["predict"], r["radius"]) for r in results.read_tsv(str(tmp_path / name))
+    }
     kw = dict(images=dataset, smooth=smooth, sigma=0.5, n=400)
     cert(tmp_path / "abc.tsv", [1, 3, 5], **kw)
     cert(tmp_path / "c.tsv", [5], **kw)
@@ -264,26 +353,46 @@ def test_noise_is_per_input_whatever_the_order_the_company_or_a_resume(tmp_path)
     cert(tmp_path / "ab_then_c.tsv", [1, 3], **kw)
     torch.manual_seed(123)  # the global RNG plays no part
     cert(tmp_path / "ab_then_c.tsv", [1, 3, 5], **kw)
-    assert rows("c.tsv")[5] == rows("abc.tsv")[5] and rows("cba.tsv") == rows("abc.tsv") == rows("ab_then_c.tsv")
-    assert len({v[1] for v in rows("abc.tsv").values()}) == 3  # the rows differ: the model does depend on x
+    assert rows("c.tsv")[5] == rows("abc.tsv")[5] and rows("cba.tsv") == rows("abc.tsv") == rows(
+        "ab_then_c.tsv"
+    )
+    assert (
+        len({v[1] for v in rows("abc.tsv").values()}) == 3
+    )  # the rows differ: the model does depend on x
     cert(tmp_path / "seed1.tsv", [1, 3, 5], seed=1, **kw)
     assert rows("seed1.tsv") != rows("abc.tsv")
 
 
 def write_tsv(path, rows, time="0.1"):
     with open(path, "w") as f:
-        f.write(results.HEADER + "\n" + "".join(f"{i}\t{l}\t{p}\t{r}\t{int(l == p)}\t{time}\n" for i, l, p, r in rows))
+        f.write(
+            results.HEADER
+            + "\n"
+            + "".join(f"{i}\t{l}\t{p}\t{r}\t{int(l == p)}\t{time}\n" for i, l, p, r in rows)
+        )
 
 
 def test_compare_against_a_hand_computed_case(tmp_path):
     a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
-    write_tsv(a, [(0, 1, 1, 0.5), (1, 2, 2, 0.3), (2, 3, 0, 0.9), (7, 1, 1, 2.0)])  # idx 7 only in A
-    write_tsv(b, [(0, 1, 1, 0.8), (1, 2, 2, 0.3), (2, 3, 3, 0.1)], time="0:00:03.14")  # Cohen et al.'s time column
+    write_tsv(
+        a, [(0, 1, 1, 0.5), (1, 2, 2, 0.3), (2, 3, 0, 0.9), (7, 1, 1, 2.0)]
+    )  # idx 7 only in A
+    write_tsv(
+        b, [(0, 1, 1, 0.8), (1, 2, 2, 0.3), (2, 3, 3, 0.1)], time="0:00:03.14"
+    )  # Cohen et al.'s time column
     (c,) = results.compare([str(a), str(b)], resamples=4000)["pairs"]
-    assert c["n"] == 3 and c["acr_a"] == pytest.approx(0.8 / 3) and c["acr_b"] == pytest.approx(1.2 / 3)
+    assert (
+        c["n"] == 3
+        and c["acr_a"] == pytest.approx(0.8 / 3)
+        and c["acr_b"] == pytest.approx(1.2 / 3)
+    )
     assert c["diff"] == pytest.approx(0.4 / 3)  # per input: +0.3, 0, +0.1
-    assert 0.0 <= c["ci"][0] <= 0.04 and 0.19 <= c["ci"][1] <= 0.3 + 1e-12  # resampled means of {0.3, 0, 0.1}
-    assert [c["cert_acc_diff"][r] for r in (0.0, 0.25, 0.5, 0.75, 1.0)] == pytest.approx([1 / 3, 0, 0, 1 / 3, 0])
+    assert (
+        0.0 <= c["ci"][0] <= 0.04 and 0.19 <= c["ci"][1] <= 0.3 + 1e-12
+    )  # resampled means of {0.3, 0, 0.1}
+    assert [c["cert_acc_diff"][r] for r in (0.0, 0.25, 0.5, 0.75, 1.0)] == pytest.approx(
+        [1 / 3, 0, 0, 1 / 3, 0]
+    )
     assert results.compare([str(a), str(b)], resamples=4000)["pairs"][0] == c  # seeded
     assert results.read_tsv(str(b))[0]["time"] == pytest.approx(3.14)
     (same,) = results.compare([str(a), str(a)])["pairs"]
@@ -309,9 +418,13 @@ def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
             paths.append(str(tmp_path / f"{side}{j}.tsv"))
     c = results.compare(paths, resamples=4000)
     assert [p["diff"] for p in c["pairs"]] == pytest.approx([0.0, 0.3, 0.6])
-    assert all(p["ci"] == pytest.approx((p["diff"], p["diff"])) for p in c["pairs"])  # no spread within a pair
+    assert all(
+        p["ci"] == pytest.approx((p["diff"], p["diff"])) for p in c["pairs"]
+    )  # no spread within a pair
     assert c["diff"] == pytest.approx(0.3)
-    assert c["ci"][0] == pytest.approx(0.0, abs=1e-9) and c["ci"][1] == pytest.approx(0.6, abs=1e-9)  # 3 seeds' extremes
+    assert c["ci"][0] == pytest.approx(0.0, abs=1e-9) and c["ci"][1] == pytest.approx(
+        0.6, abs=1e-9
+    )  # 3 seeds' extremes
     assert c["acr_b"]["mean"] == pytest.approx(0.8) and c["acr_b"]["sd"] == pytest.approx(0.3)
     text = results.format_comparison(c)
     assert "two-level" in text and "pair 3" in text
@@ -320,7 +433,9 @@ def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
 def test_the_bootstrap_draws_in_blocks_and_gives_the_same_means():
     d = np.random.default_rng(1).normal(size=500)
     whole = results.bootstrap_means(d, 300, np.random.default_rng(7))
-    blocks = results.bootstrap_means(d, 300, np.random.default_rng(7), block=1000)  # 2 resamples per block
+    blocks = results.bootstrap_means(
+        d, 300, np.random.default_rng(7), block=1000
+    )  # 2 resamples per block
     np.testing.assert_array_equal(whole, blocks)
     t0 = time.time()
     big = results.bootstrap_means(np.ones(50_000), 200, np.random.default_rng(0))
@@ -333,11 +448,15 @@ def test_the_summary_keys_runs_by_results_file_and_survives_concurrent_writers(t
     s = str(tmp_path / "sub" / "summary.json")  # a folder that does not exist yet
     for tsv in ("a/run/cp.tsv", "a/run/hoeffding.tsv", "b/run/cp.tsv"):
         results.add_to_summary(s, dict(name="run", sigma=0.25, tsv=str(tmp_path / tsv)))
-    runs = results.add_to_summary(s, dict(name="run", sigma=0.5, tsv=str(tmp_path / "a/run/cp.tsv")))  # replaces
+    runs = results.add_to_summary(
+        s, dict(name="run", sigma=0.5, tsv=str(tmp_path / "a/run/cp.tsv"))
+    )  # replaces
     assert len(runs) == 3 and sorted(r["sigma"] for r in runs) == [0.25, 0.25, 0.5]
     assert json.load(open(s))["runs"][0]["tsv"] == os.path.join("..", "a", "run", "hoeffding.tsv")
-    code = ("import results, sys\nfor i in range(60): results.add_to_summary(sys.argv[1], "
-            "dict(name='p', sigma=1.0, tsv=f'{sys.argv[2]}{i}.tsv'))")
+    code = (
+        "import results, sys\nfor i in range(60): results.add_to_summary(sys.argv[1], "
+        "dict(name='p', sigma=1.0, tsv=f'{sys.argv[2]}{i}.tsv'))"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", code, s, tag], cwd=HERE) for tag in ("x", "y")]
     assert [p.wait() for p in procs] == [0, 0]
     assert len(results.read_summary(s)) == 123
@@ -349,14 +468,22 @@ def test_the_summary_keys_runs_by_results_file_and_survives_concurrent_writers(t
 
 def test_a_missing_tsv_is_left_out_of_the_plot_with_a_warning(tmp_path, capsys):
     write_tsv(tmp_path / "a.tsv", [(0, 1, 1, 0.6), (1, 1, 0, 0.0)])
-    drawn = results.curves([dict(name="here", sigma=0.25, tsv=str(tmp_path / "a.tsv")),
-                            dict(name="moved", sigma=0.25, tsv=str(tmp_path / "gone.tsv"))])
-    assert [r["name"] for r in drawn] == ["here"] and "gone.tsv (run moved) is missing" in capsys.readouterr().out
+    drawn = results.curves(
+        [
+            dict(name="here", sigma=0.25, tsv=str(tmp_path / "a.tsv")),
+            dict(name="moved", sigma=0.25, tsv=str(tmp_path / "gone.tsv")),
+        ]
+    )
+    assert [r["name"] for r in drawn] == [
+        "here"
+    ] and "gone.tsv (run moved) is missing" in capsys.readouterr().out
     assert drawn[0]["cert_acc"][0] == 0.5 and drawn[0]["cert_acc"][int(0.6 / 0.01) + 1] == 0.0
 
 
 def test_the_table_title_is_never_cut():
-    table = results.format_table(certify.summarize([dict(label=1, predict=1, radius=0.2)]), "fashion-mnist s=0.125")
+    table = results.format_table(
+        certify.summarize([dict(label=1, predict=1, radius=0.2)]), "fashion-mnist s=0.125"
+    )
     assert "fashion-mnist s=0.125 " in table
 
 
@@ -364,19 +491,39 @@ def test_the_table_title_is_never_cut():
 def test_lenet_and_resnet110_state_dicts_match_the_authors_release():
     lenet = models.get_model("mnist")
     assert {k: tuple(v.shape) for k, v in lenet.state_dict().items()} == {
-        "conv1.weight": (20, 1, 5, 5), "conv1.bias": (20,), "conv2.weight": (50, 20, 5, 5), "conv2.bias": (50,),
-        "fc1.weight": (500, 800), "fc1.bias": (500,), "fc2.weight": (10, 500), "fc2.bias": (10,)}
-    bn = lambda p, c: {f"{p}.weight": (c,), f"{p}.bias": (c,), f"{p}.running_mean": (c,), f"{p}.running_var": (c,),
-                       f"{p}.num_batches_tracked": ()}
+        "conv1.weight": (20, 1, 5, 5),
+        "conv1.bias": (20,),
+        "conv2.weight": (50, 20, 5, 5),
+        "conv2.bias": (50,),
+        "fc1.weight": (500, 800),
+        "fc1.bias": (500,),
+        "fc2.weight": (10, 500),
+        "fc2.bias": (10,),
+    }
+    bn = lambda p, c: {
+        f"{p}.weight": (c,),
+        f"{p}.bias": (c,),
+        f"{p}.running_mean": (c,),
+        f"{p}.running_var": (c,),
+        f"{p}.num_batches_tracked": (),
+    }
     want = {"conv1.weight": (16, 3, 3, 3), **bn("bn1", 16), "fc.weight": (10, 64), "fc.bias": (10,)}
     c_in = 16
     for s, c in enumerate([16, 32, 64], start=1):
         for i in range(18):
             p = f"layer{s}.{i}"
-            want.update({f"{p}.conv1.weight": (c, c_in if i == 0 else c, 3, 3), **bn(f"{p}.bn1", c),
-                         f"{p}.conv2.weight": (c, c, 3, 3), **bn(f"{p}.bn2", c)})
+            want.update(
+                {
+                    f"{p}.conv1.weight": (c, c_in if i == 0 else c, 3, 3),
+                    **bn(f"{p}.bn1", c),
+                    f"{p}.conv2.weight": (c, c, 3, 3),
+                    **bn(f"{p}.bn2", c),
+                }
+            )
             if i == 0 and c != c_in:
-                want.update({f"{p}.downsample.0.weight": (c, c_in, 1, 1), **bn(f"{p}.downsample.1", c)})
+                want.update(
+                    {f"{p}.downsample.0.weight": (c, c_in, 1, 1), **bn(f"{p}.downsample.1", c)}
+                )
         c_in = c
     got = {k: tuple(v.shape) for k, v in models.get_model("cifar10").state_dict().items()}
     assert got == want
@@ -386,9 +533,13 @@ def test_foreign_checkpoints_load_strictly(tmp_path):
     ref = models.get_model("cifar10", arch="resnet20")
     sd = ref.state_dict()
     torch.save({"net": sd, "epoch": 3}, tmp_path / "authors.pth")  # the MACER authors' format
-    torch.save({"arch": "cifar_resnet20", "state_dict": {"1.module." + k: v for k, v in sd.items()}},
-               tmp_path / "cohen.pth.tar")  # Cohen et al.'s: Sequential(normalize, DataParallel(net))
-    m, cfg = models.load_checkpoint(str(tmp_path / "authors.pth"), dataset="cifar10", arch="resnet20")
+    torch.save(
+        {"arch": "cifar_resnet20", "state_dict": {"1.module." + k: v for k, v in sd.items()}},
+        tmp_path / "cohen.pth.tar",
+    )  # Cohen et al.'s: Sequential(normalize, DataParallel(net))
+    m, cfg = models.load_checkpoint(
+        str(tmp_path / "authors.pth"), dataset="cifar10", arch="resnet20"
+    )
     assert cfg["normalize"] is False and isinstance(m.normalize, nn.Identity)
     m2, cfg2 = models.load_checkpoint(str(tmp_path / "cohen.pth.tar"))
     assert cfg2["dataset"] == "cifar10" and cfg2["arch"] == "resnet20" and cfg2["normalize"] is True
@@ -413,7 +564,10 @@ def test_forward_shapes_and_normalisation_inside_the_model(dataset):
         out = net(x)
         raw = models.get_model(dataset, normalize=False).eval()
         raw.load_state_dict(net.state_dict())  # normalisation adds no state-dict entries
-        want = raw((x - torch.tensor(facts.mean).view(1, -1, 1, 1)) / torch.tensor(facts.std).view(1, -1, 1, 1))
+        want = raw(
+            (x - torch.tensor(facts.mean).view(1, -1, 1, 1))
+            / torch.tensor(facts.std).view(1, -1, 1, 1)
+        )
     assert out.shape == (2, facts.classes)
     torch.testing.assert_close(out, want)
 
@@ -429,13 +583,16 @@ def test_bf16_is_the_default_only_where_it_is_known_to_pay():
     assert models.fast_path(lenet(), "cpu", "fp32", flags={"amx_bf16"})[2] == "fp32"
     _, autocast, precision = models.fast_path(lenet(), "cpu", "bf16", flags=set())
     assert precision == "bf16" and autocast.fast_dtype == torch.bfloat16 and autocast._enabled
-    assert "threads)" in models.device_name("cpu") and models.cpuinfo("model name") in models.device_name("cpu")
+    assert "threads)" in models.device_name("cpu") and models.cpuinfo(
+        "model name"
+    ) in models.device_name("cpu")
 
 
 def test_checkpoint_loading_never_runs_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
     torch.save({"model": Evil(), "config": {}}, tmp_path / "evil.pt")
     one_line_error(certify.main, [str(tmp_path / "evil.pt")])
     assert not (tmp_path / "pwned").exists()
@@ -451,8 +608,15 @@ def test_crop_flip_is_a_padded_window_per_image():
     x_pad = F.pad(x, (4, 4, 4, 4))
     seen = set()
     for i in range(len(x)):
-        matches = [(di, dj, f) for di in range(9) for dj in range(9) for f in (0, 1)
-                   if torch.equal(out[i], (lambda w: w.flip(2) if f else w)(x_pad[i, :, di:di + 8, dj:dj + 8]))]
+        matches = [
+            (di, dj, f)
+            for di in range(9)
+            for dj in range(9)
+            for f in (0, 1)
+            if torch.equal(
+                out[i], (lambda w: w.flip(2) if f else w)(x_pad[i, :, di : di + 8, dj : dj + 8])
+            )
+        ]
         assert matches, f"image {i} is no padded window of its input"
         seen.update(matches)
     assert {f for _, _, f in seen} == {0, 1} and len({(di, dj) for di, dj, _ in seen}) > 60
@@ -462,7 +626,9 @@ def test_every_rank_takes_the_same_number_of_steps():
     """257 images on 2 ranks: 128 each (DDP's all-reduce hangs when one rank takes a step more),
     disjoint, from one shuffle."""
     images = data.TensorImages(torch.zeros(257, 1, 2, 2, dtype=torch.uint8), torch.arange(257))
-    shards = [[y for _, y in data.batches(images, 64, 0, 0, False, "cpu", rank, 2)] for rank in (0, 1)]
+    shards = [
+        [y for _, y in data.batches(images, 64, 0, 0, False, "cpu", rank, 2)] for rank in (0, 1)
+    ]
     assert [len(s) for s in shards] == [2, 2]
     seen = [torch.cat(s) for s in shards]
     assert len(seen[0]) == len(seen[1]) == 128 and not set(seen[0].tolist()) & set(seen[1].tolist())
@@ -470,7 +636,9 @@ def test_every_rank_takes_the_same_number_of_steps():
 
 def write_idx(path, array, dtype_code=0x08):
     array = np.asarray(array, dtype=np.uint8)
-    header = struct.pack(">BBBB", 0, 0, dtype_code, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    header = struct.pack(">BBBB", 0, 0, dtype_code, array.ndim) + struct.pack(
+        ">" + "I" * array.ndim, *array.shape
+    )
     with gzip.open(path, "wb") as f:
         f.write(header + array.tobytes())
 
@@ -482,7 +650,7 @@ def write_bars(raw, sizes=(("train", 512), ("t10k", 100)), classes=10, seed=0):
         y = rng.integers(0, classes, N)
         x = rng.integers(0, 60, (N, 28, 28))
         for i, c in enumerate(y):
-            x[i, 2 + 2 * c: 4 + 2 * c, 4:24] = 255
+            x[i, 2 + 2 * c : 4 + 2 * c, 4:24] = 255
         write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", x)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", y)
 
@@ -508,7 +676,9 @@ def test_bad_idx_files_are_named(tmp_path):
         data.load_dataset("fashion-mnist", str(tmp_path), train=False)
     write_bars(raw, (("t10k", 10),))
     whole = (raw / "t10k-images-idx3-ubyte.gz").read_bytes()
-    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(whole[: len(whole) // 2])  # a download cut short
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(
+        whole[: len(whole) // 2]
+    )  # a download cut short
     with pytest.raises(ValueError, match="t10k-images.*not a complete gzip file"):
         data.load_dataset("fashion-mnist", str(tmp_path), train=False)
     os.remove(raw / "t10k-images-idx3-ubyte.gz")  # the test set missing where the training set is
@@ -526,8 +696,14 @@ def tiny_fmnist(tmp_path_factory):
 
 
 def run(*args, env=None, ok=True):
-    p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    p = subprocess.run(
+        [sys.executable, *args],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     assert (p.returncode == 0) == ok, p.stdout + p.stderr
     return p.stdout + p.stderr
 
@@ -536,8 +712,25 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
     """Train, certify at the end, resume with more epochs (certify.tsv is redone for the new
     checkpoint), then certify.py with Soft-RS into a summary."""
     out = tmp_path / "run"
-    common = ("train.py", "--data-dir", tiny_fmnist, "--out-dir", str(out), "--train-subset", "0", "--k", "4",
-              "--lr", "0.05", "--cert-n", "200", "--cert-skip", "10", "--cert-max", "5")
+    common = (
+        "train.py",
+        "--data-dir",
+        tiny_fmnist,
+        "--out-dir",
+        str(out),
+        "--train-subset",
+        "0",
+        "--k",
+        "4",
+        "--lr",
+        "0.05",
+        "--cert-n",
+        "200",
+        "--cert-skip",
+        "10",
+        "--cert-max",
+        "5",
+    )
     log = run(*common, "--epochs", "1")
     precision = "bf16" if models.bf16_pays("cpu") else "fp32"
     assert f"cpu {precision}" in log and "over 5 inputs" in log
@@ -545,56 +738,159 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
     log = run(*common, "--epochs", "2", "--resume")
     assert "resumed" in log and "afresh" in log and "over 5 inputs" in log
     assert results.read_tsv(str(out / "certify.tsv")) != first
-    log = run("certify.py", str(out / "checkpoint.pt"), "--data-dir", tiny_fmnist, "--n", "300", "--skip", "20",
-              "--out", str(tmp_path / "c.tsv"), "--bound", "bernstein", "--summary", str(tmp_path / "s.json"))
+    log = run(
+        "certify.py",
+        str(out / "checkpoint.pt"),
+        "--data-dir",
+        tiny_fmnist,
+        "--n",
+        "300",
+        "--skip",
+        "20",
+        "--out",
+        str(tmp_path / "c.tsv"),
+        "--bound",
+        "bernstein",
+        "--summary",
+        str(tmp_path / "s.json"),
+    )
     rows = results.read_tsv(str(tmp_path / "c.tsv"))
     assert [r["idx"] for r in rows] == [0, 20, 40, 60, 80] and "ACR" in log and "ETA" in log
-    assert sum(r["correct"] for r in rows) >= 2  # chance is 0.5 of 5: the smoothed classifier learnt the bars
+    assert (
+        sum(r["correct"] for r in rows) >= 2
+    )  # chance is 0.5 of 5: the smoothed classifier learnt the bars
     assert f"{precision}, 1 process(es) ->" in log
     (entry,) = results.read_summary(str(tmp_path / "s.json"))
-    assert entry == {**entry, **dict(name="run", dataset="fashion-mnist", sigma=0.25, method="macer", seed=0, epochs=2,
-                                     n0=100, n=300, alpha=0.001, bound="bernstein", precision=precision,
-                                     tsv=str(tmp_path / "c.tsv"), checkpoint=str(out / "checkpoint.pt"),
-                                     certified=5, acr=round(certify.summarize(rows)["acr"], 4))}
+    assert entry == {
+        **entry,
+        **dict(
+            name="run",
+            dataset="fashion-mnist",
+            sigma=0.25,
+            method="macer",
+            seed=0,
+            epochs=2,
+            n0=100,
+            n=300,
+            alpha=0.001,
+            bound="bernstein",
+            precision=precision,
+            tsv=str(tmp_path / "c.tsv"),
+            checkpoint=str(out / "checkpoint.pt"),
+            certified=5,
+            acr=round(certify.summarize(rows)["acr"], 4),
+        ),
+    }
     assert entry["cert_seconds"] == pytest.approx(sum(r["time"] for r in rows), abs=0.06)
     assert models.cpuinfo("model name") in entry["device"]
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not os.path.exists("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 def test_end_to_end_on_real_fashion_mnist(tmp_path):
-    log = run("train.py", "--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path), "--method", "cohen",
-              "--epochs", "1", "--train-subset", "4000", "--cert-n", "500", "--cert-max", "20", "--cert-skip", "50")
+    log = run(
+        "train.py",
+        "--data-dir",
+        str(tmp_path / "none"),
+        "--out-dir",
+        str(tmp_path),
+        "--method",
+        "cohen",
+        "--epochs",
+        "1",
+        "--train-subset",
+        "4000",
+        "--cert-n",
+        "500",
+        "--cert-max",
+        "20",
+        "--cert-skip",
+        "50",
+    )
     s = results.read_tsv(str(tmp_path / "certify.tsv"))
     assert len(s) == 20 and sum(r["correct"] for r in s) >= 8, log  # chance is 2 of 20
 
 
 def test_resume_continues_exactly_and_keeps_the_saved_settings(tiny_fmnist, tmp_path):
-    common = ["--data-dir", tiny_fmnist, "--k", "2", "--cert-max", "0", "--save-every", "1", "--train-subset", "192",
-              "--milestones", "1", "--lr", "0.02"]
+    common = [
+        "--data-dir",
+        tiny_fmnist,
+        "--k",
+        "2",
+        "--cert-max",
+        "0",
+        "--save-every",
+        "1",
+        "--train-subset",
+        "192",
+        "--milestones",
+        "1",
+        "--lr",
+        "0.02",
+    ]
     train.main(common + ["--epochs", "2", "--out-dir", str(tmp_path / "straight")])
     train.main(common + ["--epochs", "1", "--out-dir", str(tmp_path / "split")])
     os.rename(tmp_path / "split", tmp_path / "moved")  # a run folder moved or copied elsewhere
-    train.main(["--epochs", "2", "--out-dir", str(tmp_path / "moved"), "--resume", "--data-dir", tiny_fmnist])
+    train.main(
+        [
+            "--epochs",
+            "2",
+            "--out-dir",
+            str(tmp_path / "moved"),
+            "--resume",
+            "--data-dir",
+            tiny_fmnist,
+        ]
+    )
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "moved" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2 and b["config"]["out_dir"] == str(tmp_path / "moved")
-    assert b["config"]["lr"] == 0.02 and b["config"]["k"] == 2  # the saved settings, not the recipe's
+    assert (
+        b["config"]["lr"] == 0.02 and b["config"]["k"] == 2
+    )  # the saved settings, not the recipe's
     for name, v in a["model"].items():
         assert torch.equal(v, b["model"][name]), name
-    train.main(["--out-dir", str(tmp_path / "moved"), "--resume", "--data-dir", tiny_fmnist])  # no --epochs: still 2
+    train.main(
+        ["--out-dir", str(tmp_path / "moved"), "--resume", "--data-dir", tiny_fmnist]
+    )  # no --epochs: still 2
     assert torch.load(tmp_path / "moved" / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
 
 def torchrun(*args, ok=True):
     """The README's launch: torchrun --standalone --nproc_per_node 2 -- SCRIPT ARGS."""
-    return run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--", *args, ok=ok)
+    return run(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--", *args, ok=ok
+    )
 
 
 def test_ddp_training_and_its_final_certification_use_both_processes(tiny_fmnist, tmp_path):
-    log = torchrun("train.py", "--data-dir", tiny_fmnist, "--out-dir", str(tmp_path), "--epochs", "1", "--k", "2",
-                   "--train-subset", "257", "--cert-max", "4", "--cert-n", "100", "--cert-skip", "10")
-    assert "2 process(es) ->" in log and "over 4 inputs" in log and "rank 1: [" in log and "rank 0: [" in log
+    log = torchrun(
+        "train.py",
+        "--data-dir",
+        tiny_fmnist,
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--k",
+        "2",
+        "--train-subset",
+        "257",
+        "--cert-max",
+        "4",
+        "--cert-n",
+        "100",
+        "--cert-skip",
+        "10",
+    )
+    assert (
+        "2 process(es) ->" in log
+        and "over 4 inputs" in log
+        and "rank 1: [" in log
+        and "rank 0: [" in log
+    )
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0][0], ckpt["rng"][1][0])
     assert len(results.read_tsv(str(tmp_path / "certify.tsv"))) == 4
@@ -603,11 +899,25 @@ def test_ddp_training_and_its_final_certification_use_both_processes(tiny_fmnist
 def test_torchrun_certification_gives_the_rows_of_one_process(tiny_fmnist, lenet_ckpt, tmp_path):
     """The README's command, two gloo processes on the CPU: the same rows (predict and radius) as
     one process with the same seed, each written once; a rerun resumes and certifies nothing."""
-    args = [lenet_ckpt, "--data-dir", tiny_fmnist, "--n", "300", "--skip", "9", "--max", "7", "--seed", "3"]
+    args = [
+        lenet_ckpt,
+        "--data-dir",
+        tiny_fmnist,
+        "--n",
+        "300",
+        "--skip",
+        "9",
+        "--max",
+        "7",
+        "--seed",
+        "3",
+    ]
     run("certify.py", *args, "--out", str(tmp_path / "one.tsv"))
     log = torchrun("certify.py", *args, "--out", str(tmp_path / "two.tsv"))
     assert "2 process(es)" in log and log.count("certified accuracy at radius r") == 1
-    rows = lambda name: sorted((r["idx"], r["predict"], r["radius"]) for r in results.read_tsv(str(tmp_path / name)))
+    rows = lambda name: sorted(
+        (r["idx"], r["predict"], r["radius"]) for r in results.read_tsv(str(tmp_path / name))
+    )
     assert rows("one.tsv") == rows("two.tsv") and len(rows("two.tsv")) == 7
     log = torchrun("certify.py", *args, "--out", str(tmp_path / "two.tsv"))
     assert "7 inputs done, 0 to go" in log and rows("two.tsv") == rows("one.tsv")
@@ -617,11 +927,13 @@ def write_setting(dataset, root, val_images=8):
     """A few images of `dataset` in its real on-disk format; class c is brighter in channel band c."""
     rng = np.random.default_rng(0)
     root.mkdir()
+
     def images(N, shape):
         y = rng.integers(0, 2, N)
         x = rng.integers(0, 100, (N, *shape)).astype(np.uint8)
         x[y == 1] += 100
         return x, y
+
     if dataset == "mnist":
         (root / "MNIST" / "raw").mkdir(parents=True)
         write_bars(root / "MNIST" / "raw", (("train", 64), ("t10k", 8)))
@@ -630,14 +942,21 @@ def write_setting(dataset, root, val_images=8):
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
             x, y = images(16, (3, 32, 32))
             with open(root / "cifar-10-batches-py" / name, "wb") as f:
-                pickle.dump({"data": x.reshape(16, -1), "labels": y.tolist()}, f)  # (N, 3, 32, 32) -> (N, 3072)
+                pickle.dump(
+                    {"data": x.reshape(16, -1), "labels": y.tolist()}, f
+                )  # (N, 3, 32, 32) -> (N, 3072)
     elif dataset == "svhn":
         import scipy.io
+
         for split in ("train", "test"):
             x, y = images(32, (32, 32, 3))
-            scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x.transpose(1, 2, 3, 0), "y": (y + 9)[:, None] % 10 + 1})
+            scipy.io.savemat(
+                root / f"{split}_32x32.mat",
+                {"X": x.transpose(1, 2, 3, 0), "y": (y + 9)[:, None] % 10 + 1},
+            )
     else:
         from PIL import Image
+
         for split, N in (("train", 8), ("val", val_images)):
             x, y = images(N, (64, 64, 3))
             for i, (img, c) in enumerate(zip(x, y)):
@@ -645,30 +964,84 @@ def write_setting(dataset, root, val_images=8):
                 Image.fromarray(img).save(root / split / f"n0{c}" / f"{i:03d}.JPEG")
 
 
-@pytest.mark.parametrize("dataset, arch", [("mnist", "lenet"), ("cifar10", "resnet20"), ("svhn", "resnet20"),
-                                           ("imagenet", "resnet50")])
+@pytest.mark.parametrize(
+    "dataset, arch",
+    [("mnist", "lenet"), ("cifar10", "resnet20"), ("svhn", "resnet20"), ("imagenet", "resnet50")],
+)
 def test_the_four_paper_settings_end_to_end(dataset, arch, tmp_path):
     """Each setting's reader on files in its real format, a few MACER steps, a checkpoint, and
     certify.py on two test images; for ImageNet, the protocol's own choice: every 100th image."""
     root = tmp_path / "data"
     write_setting(dataset, root, val_images=201)
     out = tmp_path / "run"
-    train.main(["--dataset", dataset, "--arch", arch, "--data-dir", str(root), "--out-dir", str(out), "--epochs", "1",
-                "--k", "2", "--batch", "4" if dataset == "imagenet" else "16", "--train-subset", "32", "--workers", "1",
-                "--cert-max", "0"])
+    train.main(
+        [
+            "--dataset",
+            dataset,
+            "--arch",
+            arch,
+            "--data-dir",
+            str(root),
+            "--out-dir",
+            str(out),
+            "--epochs",
+            "1",
+            "--k",
+            "2",
+            "--batch",
+            "4" if dataset == "imagenet" else "16",
+            "--train-subset",
+            "32",
+            "--workers",
+            "1",
+            "--cert-max",
+            "0",
+        ]
+    )
     tsv = tmp_path / "c.tsv"
     which = [] if dataset == "imagenet" else ["--skip", "3", "--max", "2"]
-    certify.main([str(out / "checkpoint.pt"), "--data-dir", str(root), "--n0", "4", "--n", "16", "--batch", "8",
-                  "--out", str(tsv), *which])
+    certify.main(
+        [
+            str(out / "checkpoint.pt"),
+            "--data-dir",
+            str(root),
+            "--n0",
+            "4",
+            "--n",
+            "16",
+            "--batch",
+            "8",
+            "--out",
+            str(tsv),
+            *which,
+        ]
+    )
     rows = results.read_tsv(str(tsv))
     want = [0, 100, 200] if dataset == "imagenet" else [0, 3]
-    assert [r["idx"] for r in rows] == want and all(0 <= r["label"] < data.DATASETS[dataset].classes for r in rows)
+    assert [r["idx"] for r in rows] == want and all(
+        0 <= r["label"] < data.DATASETS[dataset].classes for r in rows
+    )
 
 
 def test_start_skip_and_max_choose_the_test_images(lenet_ckpt, tiny_fmnist, tmp_path):
     """The MACER authors' evaluation, images 500-999, is --start 500 --skip 1 --max 500; here 5-7."""
-    certify.main([lenet_ckpt, "--data-dir", tiny_fmnist, "--n", "50", "--start", "5", "--skip", "1", "--max", "3",
-                  "--out", str(tmp_path / "s.tsv")])
+    certify.main(
+        [
+            lenet_ckpt,
+            "--data-dir",
+            tiny_fmnist,
+            "--n",
+            "50",
+            "--start",
+            "5",
+            "--skip",
+            "1",
+            "--max",
+            "3",
+            "--out",
+            str(tmp_path / "s.tsv"),
+        ]
+    )
     assert [r["idx"] for r in results.read_tsv(str(tmp_path / "s.tsv"))] == [5, 6, 7]
 
 
@@ -676,8 +1049,22 @@ def test_start_skip_and_max_choose_the_test_images(lenet_ckpt, tiny_fmnist, tmp_
 @pytest.fixture(scope="module")
 def lenet_ckpt(tiny_fmnist, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
-    train.main(["--data-dir", tiny_fmnist, "--out-dir", str(out), "--epochs", "1", "--k", "1", "--train-subset", "64",
-                "--cert-max", "0"])
+    train.main(
+        [
+            "--data-dir",
+            tiny_fmnist,
+            "--out-dir",
+            str(out),
+            "--epochs",
+            "1",
+            "--k",
+            "1",
+            "--train-subset",
+            "64",
+            "--cert-max",
+            "0",
+        ]
+    )
     return str(out / "checkpoint.pt")
 
 
@@ -689,17 +1076,38 @@ def one_line_error(fn, argv):
     return msg
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--dataset", "cifar100"], "unknown dataset"), (["--sigma", "0"], "--sigma"), (["--sigma", "nan"], "--sigma"),
-    (["--k", "0"], "--k"), (["--lbd", "-1"], "--lbd"), (["--lbd", "inf"], "--lbd"), (["--gamma", "nan"], "--gamma"),
-    (["--beta", "0"], "--beta"), (["--beta", "inf"], "--beta"), (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"),
-    (["--momentum", "inf"], "--momentum"), (["--weight-decay", "-1"], "--weight-decay"), (["--grad-clip", "nan"], "--grad-clip"),
-    (["--train-subset", "-5"], "--train-subset"), (["--cert-alpha", "1"], "--cert-alpha"), (["--cert-n", "0"], "--cert-n"),
-    (["--cert-n0", "0"], "--cert-n0"), (["--arch", "resnet110"], "does not fit"), (["--seed", str(2 ** 70)], "--seed"),
-    (["--fp32", "--bf16"], "contradict"), (["--resume", "--overwrite"], "give one of them"),
-    (["--device", "foo"], "unknown device"), (["--device", "cuda:7"] if not torch.cuda.is_available() else
-                                              ["--device", "cuda:99"], "no CUDA device"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--dataset", "cifar100"], "unknown dataset"),
+        (["--sigma", "0"], "--sigma"),
+        (["--sigma", "nan"], "--sigma"),
+        (["--k", "0"], "--k"),
+        (["--lbd", "-1"], "--lbd"),
+        (["--lbd", "inf"], "--lbd"),
+        (["--gamma", "nan"], "--gamma"),
+        (["--beta", "0"], "--beta"),
+        (["--beta", "inf"], "--beta"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "-1"], "--lr"),
+        (["--momentum", "inf"], "--momentum"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--grad-clip", "nan"], "--grad-clip"),
+        (["--train-subset", "-5"], "--train-subset"),
+        (["--cert-alpha", "1"], "--cert-alpha"),
+        (["--cert-n", "0"], "--cert-n"),
+        (["--cert-n0", "0"], "--cert-n0"),
+        (["--arch", "resnet110"], "does not fit"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--fp32", "--bf16"], "contradict"),
+        (["--resume", "--overwrite"], "give one of them"),
+        (["--device", "foo"], "unknown device"),
+        (
+            ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
+            "no CUDA device",
+        ),
+    ],
+)
 def test_train_rejects_bad_flags(flags, words):
     assert words in one_line_error(train.main, flags)
 
@@ -708,8 +1116,14 @@ def test_train_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setitem(data.IDX, "fashion-mnist", ("FashionMNIST", str(tmp_path / "nowhere")))
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no download, here or anywhere
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    msg = one_line_error(train.main, ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")])
-    assert "not found" in msg and str(tmp_path) in msg and "apt-get install dataset-fashion-mnist" in msg
+    msg = one_line_error(
+        train.main, ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")]
+    )
+    assert (
+        "not found" in msg
+        and str(tmp_path) in msg
+        and "apt-get install dataset-fashion-mnist" in msg
+    )
 
 
 def test_train_guards_the_run(tiny_fmnist, lenet_ckpt, tmp_path, monkeypatch):
@@ -718,36 +1132,97 @@ def test_train_guards_the_run(tiny_fmnist, lenet_ckpt, tmp_path, monkeypatch):
     checkpoint goes, and another run holding the folder fail before training; a diverging run
     stops with a sentence and keeps its last good checkpoint; a full disk at the save is one line."""
     folder = os.path.dirname(lenet_ckpt)
-    base = ["--data-dir", tiny_fmnist, "--out-dir", folder, "--k", "1", "--train-subset", "64", "--cert-max", "0"]
+    base = [
+        "--data-dir",
+        tiny_fmnist,
+        "--out-dir",
+        folder,
+        "--k",
+        "1",
+        "--train-subset",
+        "64",
+        "--cert-max",
+        "0",
+    ]
     config = open(os.path.join(folder, "config.json")).read()
     assert "--overwrite" in one_line_error(train.main, base + ["--epochs", "1"])
-    assert "cannot change --sigma" in one_line_error(train.main, base + ["--resume", "--sigma", "0.5"])
+    assert "cannot change --sigma" in one_line_error(
+        train.main, base + ["--resume", "--sigma", "0.5"]
+    )
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert "cannot write" in one_line_error(train.main, base[:2] + ["--out-dir", str(blocker / "sub"), "--epochs", "1"])
+    assert "cannot write" in one_line_error(
+        train.main, base[:2] + ["--out-dir", str(blocker / "sub"), "--epochs", "1"]
+    )
     (tmp_path / "dir_ckpt" / "checkpoint.pt").mkdir(parents=True)
-    assert "is a folder" in one_line_error(train.main, base[:2] + ["--out-dir", str(tmp_path / "dir_ckpt"), "--overwrite"])
+    assert "is a folder" in one_line_error(
+        train.main, base[:2] + ["--out-dir", str(tmp_path / "dir_ckpt"), "--overwrite"]
+    )
     held = train.lock_run_folder(str(tmp_path / "busy"))
-    assert "another train.py is running" in one_line_error(train.main, base[:2] + ["--out-dir", str(tmp_path / "busy")])
+    assert "another train.py is running" in one_line_error(
+        train.main, base[:2] + ["--out-dir", str(tmp_path / "busy")]
+    )
     os.close(held)
     good = torch.load(lenet_ckpt, weights_only=True)["model"]
-    msg = one_line_error(train.main, base[:2] + ["--out-dir", str(tmp_path / "nan"), "--lr", "1e30", "--epochs", "1",
-                                                 "--train-subset", "256", "--k", "2"])
+    msg = one_line_error(
+        train.main,
+        base[:2]
+        + [
+            "--out-dir",
+            str(tmp_path / "nan"),
+            "--lr",
+            "1e30",
+            "--epochs",
+            "1",
+            "--train-subset",
+            "256",
+            "--k",
+            "2",
+        ],
+    )
     assert "non-finite (epoch 1)" in msg and not (tmp_path / "nan" / "checkpoint.pt").exists()
-    assert torch.equal(torch.load(lenet_ckpt, weights_only=True)["model"]["fc2.weight"], good["fc2.weight"])
+    assert torch.equal(
+        torch.load(lenet_ckpt, weights_only=True)["model"]["fc2.weight"], good["fc2.weight"]
+    )
     assert open(os.path.join(folder, "config.json")).read() == config  # no refusal rewrote it
 
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(torch, "save", disk_full)
-    msg = one_line_error(train.main, base[:2] + ["--out-dir", str(tmp_path / "full"), "--epochs", "1", "--k", "1",
-                                                 "--train-subset", "64", "--cert-max", "0"])
+    msg = one_line_error(
+        train.main,
+        base[:2]
+        + [
+            "--out-dir",
+            str(tmp_path / "full"),
+            "--epochs",
+            "1",
+            "--k",
+            "1",
+            "--train-subset",
+            "64",
+            "--cert-max",
+            "0",
+        ],
+    )
     assert "No space left on device" in msg and "--resume" in msg
 
 
 def test_resume_refuses_fewer_epochs_and_another_architecture(tiny_fmnist, tmp_path):
     out = str(tmp_path / "two")
-    common = ["--data-dir", tiny_fmnist, "--k", "1", "--train-subset", "64", "--cert-max", "0", "--out-dir", out]
+    common = [
+        "--data-dir",
+        tiny_fmnist,
+        "--k",
+        "1",
+        "--train-subset",
+        "64",
+        "--cert-max",
+        "0",
+        "--out-dir",
+        out,
+    ]
     train.main(common + ["--epochs", "2"])
     config = open(os.path.join(out, "config.json")).read()
     assert "trained 2 epochs" in one_line_error(train.main, common + ["--epochs", "1", "--resume"])
@@ -756,64 +1231,151 @@ def test_resume_refuses_fewer_epochs_and_another_architecture(tiny_fmnist, tmp_p
     sd["config"]["arch"] = "resnet20"
     sd["config"]["dataset"] = "cifar10"
     torch.save(sd, os.path.join(out, "checkpoint.pt"))
-    assert "does not fit" in one_line_error(train.main, ["--out-dir", out, "--resume", "--data-dir", str(tmp_path)])
+    assert "does not fit" in one_line_error(
+        train.main, ["--out-dir", out, "--resume", "--data-dir", str(tmp_path)]
+    )
 
 
-def test_a_stale_temporary_checkpoint_is_removed_by_the_next_run(tiny_fmnist, tmp_path):
+def test_a_run_removes_no_file_it_did_not_make(tiny_fmnist, tmp_path):
+    """train.py deletes nothing by a pattern: files that look like temporaries stay."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "checkpoint.pt.4242.tmp").write_bytes(b"x" * 1000)  # a kill inside a save
-    (out / "notes.tmp").write_text("not ours")
-    train.main(["--data-dir", tiny_fmnist, "--out-dir", str(out), "--epochs", "1", "--k", "1", "--train-subset", "64",
-                "--cert-max", "0"])
-    assert not (out / "checkpoint.pt.4242.tmp").exists() and (out / "notes.tmp").exists()
+    mine = ["notes.2.tmp", "thesis.2024-final.tmp", "checkpoint.pt.4242.tmp"]
+    for name in mine:
+        (out / name).write_text("not train.py's")
+    flags = ["--data-dir", tiny_fmnist, "--out-dir", str(out), "--epochs", "1", "--k", "1"]
+    train.main([*flags, "--train-subset", "64", "--cert-max", "0"])
+    assert all((out / name).read_text() == "not train.py's" for name in mine)
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """atomic_write on a full disk (ENOSPC from the write, or from the flush to disk): the old
+    file keeps its bytes, no temporary file is left, and the error reaches the caller. A symlink
+    at the path is replaced by the new file; the file it pointed to is untouched."""
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def full(f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        data.atomic_write(str(path), full)
+    def full_on_flush(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_on_flush)
+    with pytest.raises(OSError, match="No space"):
+        data.atomic_write(str(path), "new")
+    monkeypatch.undo()
+    assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["config.json"]
+    other = tmp_path / "other.tsv"
+    other.write_text("another run's rows")
+    link = tmp_path / "link.tsv"
+    link.symlink_to(other)
+    data.atomic_write(str(link), "new")
+    assert other.read_text() == "another run's rows" and not link.is_symlink()
+    assert link.read_text() == "new"
 
 
 def test_an_allocation_failure_names_the_flags_to_lower(tiny_fmnist, lenet_ckpt, tmp_path):
-    msg = one_line_error(train.main, ["--data-dir", tiny_fmnist, "--out-dir", str(tmp_path / "big"), "--k", str(10 ** 9),
-                                      "--train-subset", "64", "--epochs", "1", "--cert-max", "0"])
+    msg = one_line_error(
+        train.main,
+        [
+            "--data-dir",
+            tiny_fmnist,
+            "--out-dir",
+            str(tmp_path / "big"),
+            "--k",
+            str(10**9),
+            "--train-subset",
+            "64",
+            "--epochs",
+            "1",
+            "--cert-max",
+            "0",
+        ],
+    )
     assert "out of memory" in msg and "--batch" in msg and "--k" in msg
-    msg = one_line_error(certify.main, [lenet_ckpt, "--data-dir", tiny_fmnist, "--out", str(tmp_path / "b.tsv"),
-                                        "--max", "1", "--n", str(10 ** 12), "--batch", str(10 ** 12)])
+    msg = one_line_error(
+        certify.main,
+        [
+            lenet_ckpt,
+            "--data-dir",
+            tiny_fmnist,
+            "--out",
+            str(tmp_path / "b.tsv"),
+            "--max",
+            "1",
+            "--n",
+            str(10**12),
+            "--batch",
+            str(10**12),
+        ],
+    )
     assert "out of memory" in msg and "--batch" in msg
 
 
 def test_certify_rejects_bad_input(lenet_ckpt, tiny_fmnist, tmp_path, monkeypatch):
     base = [lenet_ckpt, "--data-dir", tiny_fmnist, "--out", str(tmp_path / "x.tsv")]
-    for flags, words in [(["--alpha", "1.5"], "--alpha"), (["--alpha", "nan"], "--alpha"), (["--n", "0"], "--n0"),
-                         (["--n0", "0"], "--n0"), (["--dataset", "cifar10"], "does not fit"),
-                         (["--dataset", "cifar100"], "unknown dataset"), (["--sigma", "nan"], "--sigma"),
-                         (["--beta", "-1"], "--beta"), (["--n", "1"], "no input can be certified"),
-                         (["--alpha", "1e-300", "--n", "100"], "no input can be certified"),
-                         (["--seed", str(2 ** 70)], "--seed"), (["--device", "foo"], "unknown device"),
-                         (["--device", "cuda:99"], "no CUDA device"), (["--fp32", "--bf16"], "contradict")]:
+    for flags, words in [
+        (["--alpha", "1.5"], "--alpha"),
+        (["--alpha", "nan"], "--alpha"),
+        (["--n", "0"], "--n0"),
+        (["--n0", "0"], "--n0"),
+        (["--dataset", "cifar10"], "does not fit"),
+        (["--dataset", "cifar100"], "unknown dataset"),
+        (["--sigma", "nan"], "--sigma"),
+        (["--beta", "-1"], "--beta"),
+        (["--n", "1"], "no input can be certified"),
+        (["--alpha", "1e-300", "--n", "100"], "no input can be certified"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--device", "foo"], "unknown device"),
+        (["--device", "cuda:99"], "no CUDA device"),
+        (["--fp32", "--bf16"], "contradict"),
+    ]:
         assert words in one_line_error(certify.main, base + flags), flags
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: say so before certifying
     assert "--plot needs matplotlib" in one_line_error(certify.main, base + ["--plot"])
     assert not (tmp_path / "x.tsv").exists()
     sd = torch.load(lenet_ckpt, weights_only=True)
-    sd["model"]["fc2.weight"], sd["model"]["fc2.bias"] = torch.zeros(5, 500), torch.zeros(5)  # 5 classes
+    sd["model"]["fc2.weight"], sd["model"]["fc2.bias"] = (
+        torch.zeros(5, 500),
+        torch.zeros(5),
+    )  # 5 classes
     torch.save(sd, tmp_path / "k5.pt")
     assert "does not fit" in one_line_error(certify.main, [str(tmp_path / "k5.pt")] + base[1:])
     torch.save(dict(sd, config=[1, 2]), tmp_path / "listcfg.pt")
     assert "not a dict" in one_line_error(certify.main, [str(tmp_path / "listcfg.pt")] + base[1:])
     (tmp_path / "corrupt.pt").write_bytes(open(lenet_ckpt, "rb").read()[:5000])
-    assert "not a readable" in one_line_error(certify.main, [str(tmp_path / "corrupt.pt")] + base[1:])
+    assert "not a readable" in one_line_error(
+        certify.main, [str(tmp_path / "corrupt.pt")] + base[1:]
+    )
     (tmp_path / "notes.txt").write_text("hello")
-    assert "not a readable" in one_line_error(certify.main, [str(tmp_path / "notes.txt")] + base[1:])
+    assert "not a readable" in one_line_error(
+        certify.main, [str(tmp_path / "notes.txt")] + base[1:]
+    )
     torch.save([1, 2, 3], tmp_path / "list.pt")
     assert "no state dict" in one_line_error(certify.main, [str(tmp_path / "list.pt")] + base[1:])
     assert "no checkpoint" in one_line_error(certify.main, [str(tmp_path / "absent.pt")] + base[1:])
-    assert "--out must be a file name ending in .tsv" in one_line_error(certify.main, base[:3] + ["--out", str(tmp_path)])
-    certify.main(base[:3] + ["--out", str(tmp_path / "new" / "deep" / "x.tsv"), "--n", "50", "--max", "1"])
+    assert "--out must be a file name ending in .tsv" in one_line_error(
+        certify.main, base[:3] + ["--out", str(tmp_path)]
+    )
+    certify.main(
+        base[:3] + ["--out", str(tmp_path / "new" / "deep" / "x.tsv"), "--n", "50", "--max", "1"]
+    )
     (tmp_path / "list.json").write_text("[1, 2]")
-    assert "not a summary file" in one_line_error(certify.main, base + ["--n", "50", "--max", "1", "--summary",
-                                                                        str(tmp_path / "list.json")])
+    assert "not a summary file" in one_line_error(
+        certify.main, base + ["--n", "50", "--max", "1", "--summary", str(tmp_path / "list.json")]
+    )
     write_tsv(tmp_path / "a.tsv", [(0, 1, 1, 0.5)])
     write_tsv(tmp_path / "b.tsv", [(1, 1, 1, 0.5)])
-    for files, words in [((tmp_path / "a.tsv", tmp_path / "b.tsv"), "share no inputs"),
-                         ((tmp_path / "a.tsv", tmp_path / "gone.tsv"), "no results file"),
-                         ((tmp_path / "a.tsv", tmp_path), "is a folder"), ((tmp_path / "a.tsv",), "pairs")]:
+    for files, words in [
+        ((tmp_path / "a.tsv", tmp_path / "b.tsv"), "share no inputs"),
+        ((tmp_path / "a.tsv", tmp_path / "gone.tsv"), "no results file"),
+        ((tmp_path / "a.tsv", tmp_path), "is a folder"),
+        ((tmp_path / "a.tsv",), "pairs"),
+    ]:
         assert words in one_line_error(certify.main, ["--compare", *map(str, files)])
 
 
@@ -826,20 +1388,51 @@ def test_certify_records_every_fact_a_row_depends_on(lenet_ckpt, tiny_fmnist, tm
     mnist = tmp_path / "mnist"
     (mnist / "MNIST" / "raw").mkdir(parents=True)
     write_bars(mnist / "MNIST" / "raw", seed=2)
-    base = [lenet_ckpt, "--data-dir", tiny_fmnist, "--out", str(tmp_path / "s.tsv"), "--n", "50", "--n0", "10",
-            "--skip", "30", "--max", "2"]
+    base = [
+        lenet_ckpt,
+        "--data-dir",
+        tiny_fmnist,
+        "--out",
+        str(tmp_path / "s.tsv"),
+        "--n",
+        "50",
+        "--n0",
+        "10",
+        "--skip",
+        "30",
+        "--max",
+        "2",
+    ]
     certify.main(base)
-    for flags, key in [(["--sigma", "0.5"], "sigma"), (["--alpha", "0.4"], "alpha"), (["--no-normalize"], "normalize"),
-                       (["--data-dir", str(other)], "test_set_sha256"),
-                       (["--dataset", "mnist", "--data-dir", str(mnist)], "dataset, test_set_sha256")]:
+    for flags, key in [
+        (["--sigma", "0.5"], "sigma"),
+        (["--alpha", "0.4"], "alpha"),
+        (["--no-normalize"], "normalize"),
+        (["--data-dir", str(other)], "test_set_sha256"),
+        (["--dataset", "mnist", "--data-dir", str(mnist)], "dataset, test_set_sha256"),
+    ]:
         assert f"other settings ({key})" in one_line_error(certify.main, base + flags)
     certify.main(base + ["--sigma", "0.5", "--overwrite"])
     assert len(results.read_tsv(str(tmp_path / "s.tsv"))) == 2
 
 
-def test_a_full_disk_while_certifying_is_one_line_and_the_rows_so_far_stay(lenet_ckpt, tiny_fmnist, tmp_path, monkeypatch):
+def test_a_full_disk_while_certifying_is_one_line_and_the_rows_so_far_stay(
+    lenet_ckpt, tiny_fmnist, tmp_path, monkeypatch
+):
     out = tmp_path / "full.tsv"
-    base = [lenet_ckpt, "--data-dir", tiny_fmnist, "--out", str(out), "--n", "50", "--skip", "10", "--max", "4"]
+    base = [
+        lenet_ckpt,
+        "--data-dir",
+        tiny_fmnist,
+        "--out",
+        str(out),
+        "--n",
+        "50",
+        "--skip",
+        "10",
+        "--max",
+        "4",
+    ]
     written = []
 
     def fills_up(fd, line):
@@ -847,6 +1440,7 @@ def test_a_full_disk_while_certifying_is_one_line_and_the_rows_so_far_stay(lenet
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         written.append(line)
         os.write(fd, line.encode())
+
     monkeypatch.setattr(results, "append_line", fills_up)
     assert "No space left on device" in one_line_error(certify.main, base)
     assert [r["idx"] for r in results.read_tsv(str(out))] == [0, 10]
@@ -857,8 +1451,19 @@ def test_a_full_disk_while_certifying_is_one_line_and_the_rows_so_far_stay(lenet
 
 def test_a_closed_pipe_ends_compare_quietly(tmp_path):
     write_tsv(tmp_path / "a.tsv", [(i, 1, 1, 0.5) for i in range(20)])
-    p = subprocess.Popen([sys.executable, "certify.py", "--compare", str(tmp_path / "a.tsv"), str(tmp_path / "a.tsv")],
-                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "certify.py",
+            "--compare",
+            str(tmp_path / "a.tsv"),
+            str(tmp_path / "a.tsv"),
+        ],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     p.stdout.close()  # as `| head -0` would, before anything is written
     err = p.stderr.read()
     assert p.wait() != 0 and "Traceback" not in err and "BrokenPipe" not in err, err

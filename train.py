@@ -6,11 +6,11 @@ then certify it with certify.py. The paper's recipes are one flag away; every va
     python train.py --dataset cifar10 --method cohen  # the baseline: k = 1, lambda = 0
     torchrun --standalone --nproc_per_node 4 -- train.py --dataset imagenet --data-dir /path/to/imagenet
 """
+
 import argparse
 import dataclasses
 import datetime
 import fcntl
-import glob
 import json
 import math
 import os
@@ -34,11 +34,17 @@ def train_one_epoch(model, opt, batches, cfg, lbd, autocast, log):
     stats = None
     for step, (x, y) in enumerate(batches):  # line 3: a minibatch (x_i, y_i), i = 1..n
         n, k = len(y), cfg.k
-        x_noisy = noisy_copies(x, k, cfg.sigma)  # line 4: k Gaussian copies of each x_i, (n*k, C, H, W)
-        x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)  # as the model (models.fast_path)
+        x_noisy = noisy_copies(
+            x, k, cfg.sigma
+        )  # line 4: k Gaussian copies of each x_i, (n*k, C, H, W)
+        x_noisy = x_noisy.contiguous(
+            memory_format=torch.channels_last
+        )  # as the model (models.fast_path)
         with autocast:
             logits = model(x_noisy).view(n, k, -1)  # (n*k, K) -> (n, k, K)
-        loss, loss_cls, loss_rob = macer_loss(logits, y, cfg.sigma, lbd, cfg.gamma, cfg.beta)  # lines 5-8: Eq. 17
+        loss, loss_cls, loss_rob = macer_loss(
+            logits, y, cfg.sigma, lbd, cfg.gamma, cfg.beta
+        )  # lines 5-8: Eq. 17
         opt.zero_grad(set_to_none=True)
         loss.backward()  # line 9: one step of a first-order method on Eq. 17
         if cfg.grad_clip > 0:
@@ -46,7 +52,14 @@ def train_one_epoch(model, opt, batches, cfg, lbd, autocast, log):
         opt.step()
         with torch.no_grad():  # accuracy of the smoothed (beta = 1) prediction on this batch
             correct = (logits.float().softmax(-1).mean(1).argmax(-1) == y).sum()
-            s = torch.stack([loss_cls.detach() * n, loss_rob.detach() * n, correct.float(), torch.full_like(loss_cls, n)])
+            s = torch.stack(
+                [
+                    loss_cls.detach() * n,
+                    loss_rob.detach() * n,
+                    correct.float(),
+                    torch.full_like(loss_cls, n),
+                ]
+            )
             stats = s if stats is None else stats + s
         if (step + 1) % cfg.log_every == 0:  # the only host sync inside an epoch
             log_stats(stats, f"  step {step + 1:>6}", log)
@@ -61,16 +74,23 @@ def epoch_lambda(cfg, epoch):
 
 def lr_schedule(opt, milestones):
     """The lr times 0.1 at each milestone epoch (the scheduler steps after each epoch)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.1 ** sum(epoch >= m for m in milestones))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda epoch: 0.1 ** sum(epoch >= m for m in milestones)
+    )
 
 
 def log_stats(stats, head, log):
     """One progress line; a non-finite loss ends the run here, before a checkpoint can keep it."""
     s = stats.tolist()
     if not all(map(math.isfinite, s[:2])):
-        raise FloatingPointError(f"the loss became non-finite ({head.strip()}); the last checkpoint is the last good "
-                                 "one: lower --lr or --lbd, or raise --grad-clip")
-    log(f"{head}  loss_cls {s[0] / s[3]:.4f}  loss_rob {s[1] / s[3]:.4f}  acc {s[2] / s[3]:.4f}", flush=True)
+        raise FloatingPointError(
+            f"the loss became non-finite ({head.strip()}); the last checkpoint is the last good "
+            "one: lower --lr or --lbd, or raise --grad-clip"
+        )
+    log(
+        f"{head}  loss_cls {s[0] / s[3]:.4f}  loss_rob {s[1] / s[3]:.4f}  acc {s[2] / s[3]:.4f}",
+        flush=True,
+    )
     return s
 
 
@@ -83,9 +103,14 @@ def arg(default, help, **flag):
 class Config:
     """Everything a run depends on; saved in its checkpoint. The defaults of the training fields
     come from the dataset's recipe (data.DATASETS), then the command line's flags."""
+
     dataset: str = arg("fashion-mnist", "mnist, fashion-mnist, cifar10, svhn or imagenet")
     sigma: float = arg(0.25, "noise level sigma, in [0, 1] pixel units")
-    method: str = arg("macer", "macer, or cohen: Gaussian augmentation, k = 1 and lambda = 0", choices=["macer", "cohen"])
+    method: str = arg(
+        "macer",
+        "macer, or cohen: Gaussian augmentation, k = 1 and lambda = 0",
+        choices=["macer", "cohen"],
+    )
     arch: str = arg("", "network: lenet, resnet110 (resnet20, resnet56 for quick runs), resnet50")
     epochs: int = arg(0, "passes over the training set")
     lr: float = arg(0.0, "initial learning rate of SGD")
@@ -95,19 +120,27 @@ class Config:
     weight_decay: float = arg(5e-4, "SGD weight decay")
     k: int = arg(16, "Gaussian copies per input (Algorithm 1, line 4)")
     lbd: float = arg(0.0, "lambda, the weight of the robustness term (Eq. 17)")
-    dynamic_lbd: bool = arg(False, "1: lambda = 0 until the first lr decay (footnote 5)", type=int, choices=[0, 1])
+    dynamic_lbd: bool = arg(
+        False, "1: lambda = 0 until the first lr decay (footnote 5)", type=int, choices=[0, 1]
+    )
     gamma: float = arg(8.0, "hinge factor gamma (Eq. 17)")
     beta: float = arg(16.0, "inverse temperature beta of the robustness term")
-    augment: bool = arg(False, "1: random crop (pad 4) and horizontal flip", type=int, choices=[0, 1])
+    augment: bool = arg(
+        False, "1: random crop (pad 4) and horizontal flip", type=int, choices=[0, 1]
+    )
     grad_clip: float = arg(0.0, "clip the gradient norm at this value (0: off)")
     train_subset: int = arg(0, "train on the first N training images only (0: all)")
     seed: int = arg(0, "seed of the shuffles, the noise and the initialisation, in [0, 2^32)")
     cert_n0: int = arg(data.CERT["n0"], "certification: selection samples")
     cert_n: int = arg(data.CERT["n"], "certification: estimation samples")
     cert_alpha: float = arg(data.CERT["alpha"], "certification: failure probability")
-    cert_skip: int = arg(20, "certify every skip-th test image (the recipe: the dataset's protocol)")
+    cert_skip: int = arg(
+        20, "certify every skip-th test image (the recipe: the dataset's protocol)"
+    )
     cert_max: int = arg(500, "certify at most this many test images (0: none)")
-    cert_batch: int = arg(0, "noisy samples per forward pass while certifying (0: certify.py's default)")
+    cert_batch: int = arg(
+        0, "noisy samples per forward pass while certifying (0: certify.py's default)"
+    )
     save_every: int = arg(10, "checkpoint every N epochs (and at the end)")
     log_every: int = arg(200, "a progress line every N steps within an epoch")
     data_dir: str = arg("data", "where the datasets are")
@@ -115,61 +148,134 @@ class Config:
     workers: int = arg(min(8, os.cpu_count() or 1), "data-loading processes (ImageNet only)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
     fp32: bool = arg(False, "no bf16 autocast", action="store_true")
-    bf16: bool = arg(False, "bf16 autocast even where it is not known to pay (models.bf16_pays)", action="store_true")
+    bf16: bool = arg(
+        False,
+        "bf16 autocast even where it is not known to pay (models.bf16_pays)",
+        action="store_true",
+    )
     compile: bool = arg(False, "torch.compile the model", action="store_true")
 
 
 # What --resume may change; the rest of a run's settings are fixed by its checkpoint.
-RESUMABLE = {"epochs", "save_every", "log_every", "data_dir", "out_dir", "workers", "device", "fp32", "bf16", "compile",
-             "cert_n0", "cert_n", "cert_alpha", "cert_skip", "cert_max", "cert_batch"}
+RESUMABLE = {
+    "epochs",
+    "save_every",
+    "log_every",
+    "data_dir",
+    "out_dir",
+    "workers",
+    "device",
+    "fp32",
+    "bf16",
+    "compile",
+    "cert_n0",
+    "cert_n",
+    "cert_alpha",
+    "cert_skip",
+    "cert_max",
+    "cert_batch",
+}
 
 
 def recipe(dataset, sigma, method):
     """The paper's setting for (dataset, sigma, method), as a Config."""
     facts = data.dataset_facts(dataset)
     r = facts.recipe
-    lbd = r.lbd[min(r.lbd, key=lambda s: abs(s - sigma))]  # a sigma the paper did not use: the nearest one's
-    cert = {f"cert_{key}": v for key, v in {**data.CERT, "skip": facts.skip, "max": facts.max, **r.cert}.items()}
-    cfg = Config(dataset=dataset, sigma=sigma, method=method, arch=facts.arch, epochs=r.epochs, lr=r.lr,
-                 milestones=list(r.milestones), k=r.k, lbd=lbd, dynamic_lbd=sigma in r.dynamic_lbd, gamma=r.gamma,
-                 beta=r.beta, augment=r.augment, grad_clip=r.grad_clip, train_subset=r.train_subset, **cert)
+    lbd = r.lbd[
+        min(r.lbd, key=lambda s: abs(s - sigma))
+    ]  # a sigma the paper did not use: the nearest one's
+    cert = {
+        f"cert_{key}": v
+        for key, v in {**data.CERT, "skip": facts.skip, "max": facts.max, **r.cert}.items()
+    }
+    cfg = Config(
+        dataset=dataset,
+        sigma=sigma,
+        method=method,
+        arch=facts.arch,
+        epochs=r.epochs,
+        lr=r.lr,
+        milestones=list(r.milestones),
+        k=r.k,
+        lbd=lbd,
+        dynamic_lbd=sigma in r.dynamic_lbd,
+        gamma=r.gamma,
+        beta=r.beta,
+        augment=r.augment,
+        grad_clip=r.grad_clip,
+        train_subset=r.train_subset,
+        **cert,
+    )
     return dataclasses.replace(cfg, k=1, lbd=0.0, dynamic_lbd=False) if method == "cohen" else cfg
 
 
 def parse_flags(argv=None):
     """The flags given on the command line, and only those (argparse.SUPPRESS drops the rest)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS,
-                                epilog="A flag not given takes the value of the dataset's recipe (data.DATASETS) at "
-                                       "that sigma; the run's whole configuration is written to OUT_DIR/config.json.")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        epilog="A flag not given takes the value of the dataset's recipe (data.DATASETS) at "
+        "that sigma; the run's whole configuration is written to OUT_DIR/config.json.",
+    )
     for f in dataclasses.fields(Config):
         flag = dict(f.metadata)
         if "action" not in flag:
             flag.setdefault("type", f.type)
         p.add_argument("--" + f.name.replace("_", "-"), **flag)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true", help="start afresh even if OUT_DIR holds a checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start afresh even if OUT_DIR holds a checkpoint"
+    )
     return vars(p.parse_args(argv))
 
 
 def check_config(cfg):
     """Raise ValueError naming every out-of-range value (NaN and inf included)."""
-    bad = [f"--{n.replace('_', '-')} must be {want} (got {v})" for n, v, want, ok in [
-        ("sigma", cfg.sigma, "> 0", cfg.sigma > 0), ("lr", cfg.lr, "> 0", cfg.lr > 0),
-        ("momentum", cfg.momentum, ">= 0", cfg.momentum >= 0), ("weight_decay", cfg.weight_decay, ">= 0", cfg.weight_decay >= 0),
-        ("k", cfg.k, ">= 1", cfg.k >= 1), ("lbd", cfg.lbd, ">= 0", cfg.lbd >= 0), ("gamma", cfg.gamma, "> 0", cfg.gamma > 0),
-        ("beta", cfg.beta, "> 0", cfg.beta > 0), ("grad_clip", cfg.grad_clip, ">= 0", cfg.grad_clip >= 0),
-        ("train_subset", cfg.train_subset, ">= 0", cfg.train_subset >= 0), ("seed", cfg.seed, "in [0, 2^32)", 0 <= cfg.seed < 2 ** 32),
-        ("cert_alpha", cfg.cert_alpha, "in (0, 1)", 0 < cfg.cert_alpha < 1),
-        *[(n, getattr(cfg, n), ">= 1", getattr(cfg, n) >= 1) for n in
-          ("epochs", "batch", "cert_n0", "cert_n", "cert_skip", "save_every", "log_every", "workers")],
-        *[(n, getattr(cfg, n), ">= 0", getattr(cfg, n) >= 0) for n in ("cert_max", "cert_batch")],
-        *[("milestones", m, ">= 1", m >= 1) for m in cfg.milestones]]
-        if not (ok and (not isinstance(v, float) or math.isfinite(v)))]
+    bad = [
+        f"--{n.replace('_', '-')} must be {want} (got {v})"
+        for n, v, want, ok in [
+            ("sigma", cfg.sigma, "> 0", cfg.sigma > 0),
+            ("lr", cfg.lr, "> 0", cfg.lr > 0),
+            ("momentum", cfg.momentum, ">= 0", cfg.momentum >= 0),
+            ("weight_decay", cfg.weight_decay, ">= 0", cfg.weight_decay >= 0),
+            ("k", cfg.k, ">= 1", cfg.k >= 1),
+            ("lbd", cfg.lbd, ">= 0", cfg.lbd >= 0),
+            ("gamma", cfg.gamma, "> 0", cfg.gamma > 0),
+            ("beta", cfg.beta, "> 0", cfg.beta > 0),
+            ("grad_clip", cfg.grad_clip, ">= 0", cfg.grad_clip >= 0),
+            ("train_subset", cfg.train_subset, ">= 0", cfg.train_subset >= 0),
+            ("seed", cfg.seed, "in [0, 2^32)", 0 <= cfg.seed < 2**32),
+            ("cert_alpha", cfg.cert_alpha, "in (0, 1)", 0 < cfg.cert_alpha < 1),
+            *[
+                (n, getattr(cfg, n), ">= 1", getattr(cfg, n) >= 1)
+                for n in (
+                    "epochs",
+                    "batch",
+                    "cert_n0",
+                    "cert_n",
+                    "cert_skip",
+                    "save_every",
+                    "log_every",
+                    "workers",
+                )
+            ],
+            *[
+                (n, getattr(cfg, n), ">= 0", getattr(cfg, n) >= 0)
+                for n in ("cert_max", "cert_batch")
+            ],
+            *[("milestones", m, ">= 1", m >= 1) for m in cfg.milestones],
+        ]
+        if not (ok and (not isinstance(v, float) or math.isfinite(v)))
+    ]
     if list(cfg.milestones) != sorted(set(cfg.milestones)):
-        bad.append(f"--milestones must be increasing epochs (got {' '.join(map(str, cfg.milestones))})")
+        bad.append(
+            f"--milestones must be increasing epochs (got {' '.join(map(str, cfg.milestones))})"
+        )
     if cfg.dynamic_lbd and not cfg.milestones:
-        bad.append("--dynamic-lbd 1 waits for the first lr decay: give --milestones, or --dynamic-lbd 0")
+        bad.append(
+            "--dynamic-lbd 1 waits for the first lr decay: give --milestones, or --dynamic-lbd 0"
+        )
     if cfg.fp32 and cfg.bf16:
         bad.append("--fp32 and --bf16 contradict each other; give at most one")
     if bad:
@@ -182,9 +288,15 @@ def parse_config(argv=None):
     flags = parse_flags(argv)
     resume, overwrite = flags.pop("resume", False), flags.pop("overwrite", False)
     if resume and overwrite:
-        raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
+        raise ValueError(
+            "--resume continues the run in --out-dir and --overwrite replaces it; give one of them"
+        )
     base = Config()
-    cfg = recipe(flags.get("dataset", base.dataset), flags.get("sigma", base.sigma), flags.get("method", base.method))
+    cfg = recipe(
+        flags.get("dataset", base.dataset),
+        flags.get("sigma", base.sigma),
+        flags.get("method", base.method),
+    )
     cfg = dataclasses.replace(cfg, **flags)
     if not cfg.out_dir:
         cfg.out_dir = os.path.join("runs", f"{cfg.dataset}_{cfg.method}_s{cfg.sigma}")
@@ -197,11 +309,15 @@ def resumed_config(saved, flags, epochs_done):
     saved = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
     fixed = sorted(k for k, v in flags.items() if k not in RESUMABLE and v != getattr(saved, k))
     if fixed:
-        raise ValueError(f"--resume continues the saved run and cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}"
-                         "; drop those flags, or start a new run in another --out-dir")
+        raise ValueError(
+            f"--resume continues the saved run and cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}"
+            "; drop those flags, or start a new run in another --out-dir"
+        )
     cfg = dataclasses.replace(saved, **{k: v for k, v in flags.items() if k in RESUMABLE})
     if cfg.epochs < epochs_done:
-        raise ValueError(f"the checkpoint has trained {epochs_done} epochs; --epochs must be at least that to --resume it")
+        raise ValueError(
+            f"the checkpoint has trained {epochs_done} epochs; --epochs must be at least that to --resume it"
+        )
     check_config(cfg)
     return cfg
 
@@ -215,7 +331,9 @@ def main(argv=None):
     except RuntimeError as e:
         if not certify.out_of_memory(e):
             raise
-        sys.exit(f"error: out of memory ({str(e).strip().splitlines()[0][:120]}); lower --batch or --k.")
+        sys.exit(
+            f"error: out of memory ({str(e).strip().splitlines()[0][:120]}); lower --batch or --k."
+        )
 
 
 def run(cfg, flags, resume, overwrite):
@@ -223,7 +341,9 @@ def run(cfg, flags, resume, overwrite):
     models.check_device(cfg.device)
     ddp = "RANK" in os.environ  # launched by torchrun
     if ddp:
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(days=7))
+        dist.init_process_group(
+            "nccl" if cfg.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(days=7)
+        )
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(cfg.device)  # NCCL's object collectives use the current device
@@ -249,49 +369,80 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     model, opt, sched, autocast, precision = build(cfg, device, ckpt, rank)
     train_set = load_train_set(cfg, device, world > 1)
     ddp = world > 1
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    net = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if ddp
+        else model
+    )
     net = torch.compile(net) if cfg.compile else net
-    log(f"{cfg.method} on {cfg.dataset} ({cfg.arch}), sigma {cfg.sigma}, k {cfg.k}, lambda {cfg.lbd}"
+    log(
+        f"{cfg.method} on {cfg.dataset} ({cfg.arch}), sigma {cfg.sigma}, k {cfg.k}, lambda {cfg.lbd}"
         f"{' (dynamic)' if cfg.dynamic_lbd else ''}, gamma {cfg.gamma}, beta {cfg.beta}, {cfg.epochs} epochs, "
-        f"{device} {precision}, {world} process(es) -> {cfg.out_dir}" + (f"; resumed at epoch {ckpt['epoch']}" if ckpt else ""))
-    log(f"{'epoch':>5} {'loss_cls':>9} {'loss_rob':>9} {'acc':>6} {'lr':>8} {'img/s':>7} {'time':>8}  precision")
+        f"{device} {precision}, {world} process(es) -> {cfg.out_dir}"
+        + (f"; resumed at epoch {ckpt['epoch']}" if ckpt else "")
+    )
+    log(
+        f"{'epoch':>5} {'loss_cls':>9} {'loss_rob':>9} {'acc':>6} {'lr':>8} {'img/s':>7} {'time':>8}  precision"
+    )
     t_run = time.time() - (ckpt["train_seconds"] if ckpt else 0.0)
     for epoch in range(ckpt["epoch"] if ckpt else 0, cfg.epochs):
         net.train()
         t0 = time.time()
-        batches = data.batches(train_set, cfg.batch, epoch, cfg.seed, cfg.augment, device, rank, world)
+        batches = data.batches(
+            train_set, cfg.batch, epoch, cfg.seed, cfg.augment, device, rank, world
+        )
         stats = train_one_epoch(net, opt, batches, cfg, epoch_lambda(cfg, epoch), autocast, log)
         if stats is None:  # fewer images than processes
-            raise ValueError(f"the training set gives no batch of {cfg.batch} to each of {world} process(es)")
+            raise ValueError(
+                f"the training set gives no batch of {cfg.batch} to each of {world} process(es)"
+            )
         lr = opt.param_groups[0]["lr"]
         sched.step()
         if ddp:
             dist.all_reduce(stats)
         s = log_stats(stats, f"epoch {epoch + 1}", lambda *a, **k: None)
-        log(f"{epoch + 1:>5} {s[0] / s[3]:>9.4f} {s[1] / s[3]:>9.4f} {s[2] / s[3]:>6.3f} {lr:>8.5f} "
-            f"{s[3] / (time.time() - t0):>7.0f} {time.time() - t_run:>7.0f}s  {precision}", flush=True)
+        log(
+            f"{epoch + 1:>5} {s[0] / s[3]:>9.4f} {s[1] / s[3]:>9.4f} {s[2] / s[3]:>6.3f} {lr:>8.5f} "
+            f"{s[3] / (time.time() - t0):>7.0f} {time.time() - t_run:>7.0f}s  {precision}",
+            flush=True,
+        )
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-            save_checkpoint(ckpt_path, model, opt, sched, cfg, epoch + 1, time.time() - t_run, precision, device, rank, world)
+            save_checkpoint(
+                ckpt_path,
+                model,
+                opt,
+                sched,
+                cfg,
+                epoch + 1,
+                time.time() - t_run,
+                precision,
+                device,
+                rank,
+                world,
+            )
     if cfg.cert_max > 0:
         log(f"trained in {time.time() - t_run:.0f}s; checkpoint {ckpt_path}")
         certify_checkpoint(cfg, ckpt_path, rank, world)
 
 
 def lock_run_folder(out_dir):
-    """Create out_dir and lock it for this run's life, so that two runs never share it; remove what
-    a run killed inside a save left behind (atomic_write's <name>.<pid>.tmp)."""
+    """Create out_dir and lock it for this run's life, so that two runs never share it."""
     try:
         os.makedirs(out_dir, exist_ok=True)
         fd = os.open(out_dir, os.O_RDONLY)
     except OSError as e:
-        raise ValueError(f"cannot write to --out-dir {out_dir} ({e.strerror}); choose a writable folder") from None
+        raise ValueError(
+            f"cannot write to --out-dir {out_dir} ({e.strerror}); choose a writable folder"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise ValueError(f"another train.py is running in {out_dir}; wait for it, or choose another --out-dir") from None
-    for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.[0-9]*.tmp")):
-        os.remove(stale)
+        raise ValueError(
+            f"another train.py is running in {out_dir}; wait for it, or choose another --out-dir"
+        ) from None
     return fd
 
 
@@ -300,7 +451,9 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank):
     refused where it would replace a checkpoint without --overwrite. Rank 0 writes config.json."""
     ckpt = None
     if os.path.isdir(ckpt_path):
-        raise ValueError(f"{ckpt_path} is a folder, where the checkpoint goes; remove it or choose another --out-dir")
+        raise ValueError(
+            f"{ckpt_path} is a folder, where the checkpoint goes; remove it or choose another --out-dir"
+        )
     if resume:
         if not os.path.exists(ckpt_path):
             raise ValueError(f"--resume found no checkpoint at {ckpt_path}; check --out-dir")
@@ -308,17 +461,25 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank):
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             saved = dict(ckpt["config"])
         except Exception:
-            raise ValueError(f"{ckpt_path} is not a readable train.py checkpoint; delete it or pick another --out-dir") from None
+            raise ValueError(
+                f"{ckpt_path} is not a readable train.py checkpoint; delete it or pick another --out-dir"
+            ) from None
         cfg = resumed_config(saved, {**flags, "out_dir": cfg.out_dir}, ckpt["epoch"])
     elif os.path.exists(ckpt_path) and not overwrite:
-        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, "
-                         "or another --out-dir")
+        raise ValueError(
+            f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, "
+            "or another --out-dir"
+        )
     if rank == 0:  # fail now, not after the first epoch
         try:
-            data.atomic_write(os.path.join(cfg.out_dir, "config.json"),
-                              lambda p: json.dump(dataclasses.asdict(cfg), open(p, "w"), indent=1))
+            data.atomic_write(
+                os.path.join(cfg.out_dir, "config.json"),
+                json.dumps(dataclasses.asdict(cfg), indent=1),
+            )
         except OSError as e:
-            raise ValueError(f"cannot write to --out-dir {cfg.out_dir} ({e.strerror}); choose a writable folder") from None
+            raise ValueError(
+                f"cannot write to --out-dir {cfg.out_dir} ({e.strerror}); choose a writable folder"
+            ) from None
     return cfg, ckpt
 
 
@@ -328,25 +489,42 @@ def load_train_set(cfg, device, ddp):
     if isinstance(train_set, data.TensorImages):
         N = cfg.train_subset or len(train_set)
         return data.TensorImages(train_set.x[:N].to(device), train_set.y[:N].to(device))
-    sampler = torch.utils.data.DistributedSampler(train_set, seed=cfg.seed, drop_last=True) if ddp else None
-    return torch.utils.data.DataLoader(train_set, cfg.batch, shuffle=sampler is None, sampler=sampler,
-                                       num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True)
+    sampler = (
+        torch.utils.data.DistributedSampler(train_set, seed=cfg.seed, drop_last=True)
+        if ddp
+        else None
+    )
+    return torch.utils.data.DataLoader(
+        train_set,
+        cfg.batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
 
 
 def build(cfg, device, ckpt, rank):
     """The model on its fast path, SGD and the step schedule, restored from ckpt if given."""
     model = models.get_model(cfg.dataset, arch=cfg.arch).to(device)
-    model, autocast, precision = models.fast_path(model, device, "bf16" if cfg.bf16 else "fp32" if cfg.fp32 else "auto")
+    model, autocast, precision = models.fast_path(
+        model, device, "bf16" if cfg.bf16 else "fp32" if cfg.fp32 else "auto"
+    )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     sched = lr_schedule(opt, cfg.milestones)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError:
-            raise ValueError(f"the checkpoint in {cfg.out_dir} does not fit {cfg.arch}; it was saved by another "
-                             "network: start a new run in another --out-dir") from None
+            raise ValueError(
+                f"the checkpoint in {cfg.out_dir} does not fit {cfg.arch}; it was saved by another "
+                "network: start a new run in another --out-dir"
+            ) from None
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         rng_cpu, rng_cuda = ckpt["rng"][rank % len(ckpt["rng"])]
@@ -359,20 +537,33 @@ def build(cfg, device, ckpt, rank):
 def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precision, device, rank, world):
     """Every rank's RNG state (a resumed DDP run draws the same noise) and rank 0's model,
     optimizer and schedule, written atomically by rank 0."""
-    rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
+    rng = [
+        (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    ]
     if world > 1:
         mine, rng = rng[0], [None] * world
         dist.all_gather_object(rng, mine)
     if rank != 0:
         dist.barrier()  # rank 0 is writing the checkpoint that certification will read
         return
-    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch,
-                 rng=rng, train_seconds=seconds,
-                 config=dict(dataclasses.asdict(cfg), precision=precision, device_name=models.device_name(device)))
+    state = dict(
+        model=model.state_dict(),
+        optimizer=opt.state_dict(),
+        scheduler=sched.state_dict(),
+        epoch=epoch,
+        rng=rng,
+        train_seconds=seconds,
+        config=dict(
+            dataclasses.asdict(cfg), precision=precision, device_name=models.device_name(device)
+        ),
+    )
     try:
-        data.atomic_write(path, lambda p: torch.save(state, p))
-    except OSError as e:
-        raise ValueError(f"could not write {path} ({e.strerror}); make room, then --resume from the last checkpoint") from None
+        data.atomic_write(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
+        raise ValueError(
+            f"could not write {path} ({getattr(e, 'strerror', None) or e}); make room, then --resume "
+            "from the last checkpoint"
+        ) from None
     if world > 1:
         dist.barrier()
 
@@ -381,10 +572,33 @@ def certify_checkpoint(cfg, ckpt_path, rank, world):
     """Cohen et al.'s protocol (Hard-RS, Clopper-Pearson) on the checkpoint, by certify.py's own
     command line, in every process of a torchrun launch. certify.tsv starts afresh when the
     checkpoint has changed."""
-    argv = [ckpt_path, "--data-dir", cfg.data_dir, "--device", cfg.device, "--n0", str(cfg.cert_n0), "--n", str(cfg.cert_n),
-            "--alpha", str(cfg.cert_alpha), "--skip", str(cfg.cert_skip), "--max", str(cfg.cert_max),
-            "--out", os.path.join(cfg.out_dir, "certify.tsv"), "--seed", str(cfg.seed), "--overwrite"]
-    argv += ["--batch", str(cfg.cert_batch)] * (cfg.cert_batch > 0) + ["--fp32"] * cfg.fp32 + ["--bf16"] * cfg.bf16
+    argv = [
+        ckpt_path,
+        "--data-dir",
+        cfg.data_dir,
+        "--device",
+        cfg.device,
+        "--n0",
+        str(cfg.cert_n0),
+        "--n",
+        str(cfg.cert_n),
+        "--alpha",
+        str(cfg.cert_alpha),
+        "--skip",
+        str(cfg.cert_skip),
+        "--max",
+        str(cfg.cert_max),
+        "--out",
+        os.path.join(cfg.out_dir, "certify.tsv"),
+        "--seed",
+        str(cfg.seed),
+        "--overwrite",
+    ]
+    argv += (
+        ["--batch", str(cfg.cert_batch)] * (cfg.cert_batch > 0)
+        + ["--fp32"] * cfg.fp32
+        + ["--bf16"] * cfg.bf16
+    )
     if rank == 0:
         launcher = f"torchrun --nproc_per_node {world} --" if world > 1 else "python"
         print(f"+ {launcher} certify.py " + " ".join(argv), flush=True)
