@@ -5,7 +5,7 @@
    model, on the device's default path. LeNet and ResNet-110 (ResNet-20 with --quick on CPU).
 2. Training, bf16 / fp32: train.train_one_epoch over the same 6,400 (--quick: 1,600) Fashion-MNIST-size images
    (LeNet, MACER, k = 16), under bf16 autocast against fp32, both channels_last: whether bf16 pays
-   here (models.bf16_pays makes it the default only on CUDA and on CPUs with AMX).
+   here, against what precision auto's probe (models.measure_precision) picks.
 3. Certification: (b) noisy samples/s at the default batch against the best of a grid, per
    model; (c) Smooth.certify against a naive Cohen-style loop (fp32, one host copy per batch,
    predictions counted in Python); (d) LeNet noisy samples/s at batch 400 in fp32, channels_last
@@ -96,10 +96,20 @@ def train_step(model, opt, x, y, loss, fast, noise=None, targets=None):
     opt.step()
 
 
+def default_path(model, dataset, device, train, batch=N * K):
+    """The model on the path that train.py (train) or certify.py would take here: channels_last,
+    and the precision that models.measure_precision picks. Returns (model, precision)."""
+    x = torch.rand(min(batch, 512), *data.DATASETS[dataset].shape)
+    precision = models.measure_precision(model, device, x, train)
+    return models.fast_path(model, device, precision)[0], precision
+
+
 def loss_overhead(label, dataset, arch, device, repeats, iters, compile, note=""):
     """Seconds per MACER step (A) and per cross-entropy step (B), `iters` steps per timing."""
     torch.manual_seed(0)
-    model, _, precision = models.fast_path(models.get_model(dataset, arch=arch).to(device), device)
+    model, precision = default_path(
+        models.get_model(dataset, arch=arch).to(device), dataset, device, True
+    )
     fast = precision == "bf16"
     torch.backends.cudnn.benchmark = device.type == "cuda"
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -125,8 +135,8 @@ def loss_overhead(label, dataset, arch, device, repeats, iters, compile, note=""
 # ---------------------------------------------------------------- 2. training, bf16 / fp32
 def training(device, images, repeats):
     """Seconds of train.train_one_epoch over the same `images` Fashion-MNIST-size inputs: the
-    bf16 autocast (A) against fp32 (B), both channels_last, each from the same initialisation: what
-    models.bf16_pays decides for the device's kind."""
+    bf16 autocast (A) against fp32 (B), both channels_last, each from the same initialisation: the
+    question that models.measure_precision answers by a short probe."""
     cfg = train.recipe("fashion-mnist", SIGMA, "macer")
     g = torch.Generator().manual_seed(0)
     images = data.TensorImages(
@@ -138,7 +148,7 @@ def training(device, images, repeats):
     def epoch(fp32, images=images):
         model = models.get_model("fashion-mnist").to(device)
         model.load_state_dict(init)
-        model, autocast, precision = models.fast_path(model, device, "fp32" if fp32 else "bf16")
+        model, autocast = models.fast_path(model, device, "fp32" if fp32 else "bf16")
         opt = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -150,14 +160,17 @@ def training(device, images, repeats):
         epoch(fp32, warm)()
     times = [(clock(epoch(False), device), clock(epoch(True), device)) for _ in range(repeats)]
     t_fast, t_fp32 = statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
-    default = models.fast_path(torch.nn.Identity(), device)[2]
+    default = default_path(
+        models.get_model("fashion-mnist").to(device), "fashion-mnist", device, True
+    )[1]
     return row(
         f"2. LeNet training {len(images):,} images: bf16 / fp32",
         t_fast,
         t_fp32,
         "s",
         "< 1.0x where bf16 pays",
-        note=f"{len(images) / t_fast:.0f} against {len(images) / t_fp32:.0f} img/s; the default here: {default}",
+        note=f"{len(images) / t_fast:.0f} against {len(images) / t_fp32:.0f} img/s; "
+        f"precision auto's probe here: {default}",
     )
 
 
@@ -166,8 +179,9 @@ def training(device, images, repeats):
 def batch_sweep(label, dataset, arch, device, n, grid):
     """3b: noisy samples/s of the default certification batch (A) and of the best in `grid` (B)."""
     torch.manual_seed(0)
-    model, _, precision = models.fast_path(
-        models.get_model(dataset, arch=arch).to(device).eval(), device
+    model = models.get_model(dataset, arch=arch).to(device).eval()
+    model, precision = default_path(
+        model, dataset, device, False, models.default_batch(arch, device)
     )
     smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
     x = torch.rand(*data.DATASETS[dataset].shape, device=device)
@@ -279,8 +293,8 @@ def ceiling(device, repeats):
     """GFLOP/s of a LeNet MACER training step on the fast path, against the matmul rate of its
     precision. The bf16 matmul is timed only where the hardware has bf16 (CUDA, AVX-512 BF16, AMX):
     emulated, a 2048 x 2048 product takes a minute."""
-    model, autocast, precision = models.fast_path(
-        models.get_model("fashion-mnist").to(device), device
+    model, precision = default_path(
+        models.get_model("fashion-mnist").to(device), "fashion-mnist", device, True
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.rand(N, 1, 28, 28, device=device), torch.randint(0, 10, (N,), device=device)
@@ -289,7 +303,8 @@ def ceiling(device, repeats):
         step()
     flops = counter.get_total_flops()
     seconds = statistics.median(clock(step, device) for _ in range(repeats))
-    native_bf16 = device.type == "cuda" or bool({"avx512_bf16", "amx_bf16"} & models.cpu_flags())
+    flags = set(models.cpuinfo("flags").split())
+    native_bf16 = device.type == "cuda" or bool({"avx512_bf16", "amx_bf16"} & flags)
     fp32 = matmul_rate(device, torch.float32) / 1e9  # GFLOP/s
     bf16 = matmul_rate(device, torch.bfloat16) / 1e9 if native_bf16 else None
     peak = bf16 if precision == "bf16" else fp32
@@ -359,11 +374,10 @@ def certify_time(device, arch, n, inputs):
     """The time to certify 500 CIFAR-size inputs with certify.py's defaults, from `inputs` of them."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
-    model, _, precision = models.fast_path(
-        models.get_model("cifar10", arch=arch).to(device).eval(), device
-    )
-    smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
     batch = models.default_batch(arch, device)
+    model = models.get_model("cifar10", arch=arch).to(device).eval()
+    model, precision = default_path(model, "cifar10", device, False, batch)
+    smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
     xs = torch.rand(inputs, 3, 32, 32, device=device)
     smooth.certify(xs[0], N0, batch * 10, ALPHA, batch)  # warm-up
     seconds = statistics.median(
@@ -393,7 +407,7 @@ def certify_worker(n, inputs):
     model = (
         models.load_checkpoint(E10)[0] if os.path.exists(E10) else models.get_model("fashion-mnist")
     )
-    model, _, _ = models.fast_path(model.eval(), "cpu", "fp32")
+    model, _ = models.fast_path(model.eval(), "cpu", "fp32")
     try:
         test_set = data.load_dataset("fashion-mnist", "data", train=False)
         xs = [test_set[i][0] for i in range(0, 20 * inputs, 20)]
@@ -545,9 +559,7 @@ def main():
             + (f"   [{r['note']}]" if r["note"] else "")
         )
     if a.json:
-        data.atomic_write(
-            a.json, json.dumps(dict(info, rows=rows), indent=1)
-        )
+        data.atomic_write(a.json, json.dumps(dict(info, rows=rows), indent=1))
         print(f"wrote {a.json}")
 
 

@@ -377,9 +377,11 @@ def parse_args(argv):
         "--plot, plot them all)",
     )
     p.add_argument("--name", help="the run's name in --summary (default: the checkpoint's folder)")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--fp32", action="store_true", help="fp32, even where bf16 measures faster")
     p.add_argument(
-        "--bf16", action="store_true", help="bf16 autocast even where it is not known to pay"
+        "--bf16",
+        action="store_true",
+        help="bf16, even where it measures slower (default: the faster)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -475,12 +477,17 @@ def run(a):
         if sigma is None:
             raise ValueError("the checkpoint does not say its sigma; pass --sigma")
         beta = a.beta if a.beta is not None else cfg.get("beta", 1.0)
-        precision = "bf16" if a.bf16 else "fp32" if a.fp32 else "auto"
-        model, _, precision = models.fast_path(model.to(device).eval(), device, precision)
         facts = data.dataset_facts(cfg["dataset"])
         test_set = data.load_dataset(cfg["dataset"], a.data_dir, train=False)
         indices = list(range(a.start, len(test_set), a.skip or facts.skip))[: a.max or facts.max]
         out = a.out or os.path.splitext(a.checkpoint)[0] + f"_{a.bound}_n{a.n}.tsv"
+        batch = a.batch or models.default_batch(cfg["arch"], device)
+        precision = certify_precision(a, model, device, out, batch, len(indices), facts.shape)
+        if world > 1:  # every process certifies in rank 0's precision
+            choice = [precision]
+            dist.broadcast_object_list(choice, src=0)
+            precision = choice[0]
+        model, _ = models.fast_path(model.to(device).eval(), device, precision)
         smooth = Smooth(model, facts.classes, sigma, beta, device=device, bf16=precision == "bf16")
         # The record of this run: results.MEANING and results.DRAW.
         settings = dict(
@@ -497,7 +504,7 @@ def run(a):
             precision=precision,
             seed=a.seed,
             noise=results.NOISE,
-            batch=a.batch or models.default_batch(cfg["arch"], device),
+            batch=batch,
             noise_device=device.type,
         )
         if rank == 0:
@@ -514,6 +521,25 @@ def run(a):
             dist.destroy_process_group()
     if rank == 0:
         report(summary, out, a, cfg, settings)
+
+
+def certify_precision(a, model, device, out, batch, images, shape):
+    """--bf16 or --fp32 if given; the precision of the rows already in `out`, so that a resumed
+    file continues as it began; for fewer than 50 batches of work, fp32 (measuring would cost more
+    than it can save); else the faster of the two for inference on this device."""
+    import models
+    import results
+
+    if a.bf16 or a.fp32:
+        return "bf16" if a.bf16 else "fp32"
+    saved = results.read_settings(out, strict=False) if not a.overwrite else None
+    if saved is not None and saved.get("precision") in ("bf16", "fp32"):
+        return saved["precision"]
+    if images * (a.n0 + a.n) < 50 * batch:
+        return "fp32"
+    seeded = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, *shape, generator=seeded)  # a batch of noisy samples
+    return models.measure_precision(model, device, x, train=False, log=print)
 
 
 def report(summary, out, a, cfg, settings):

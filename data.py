@@ -129,7 +129,9 @@ def atomic_write(path, content):
     file beside path, flush it to disk, then rename it to path: a crash leaves the old file or the
     new one, never half of one, and an error (a full disk) raises OSError with the old file as it
     was and the temporary file removed. A symlink at path is replaced, never written through."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.")
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}."
+    )
     try:
         with os.fdopen(fd, "wb") as f:  # closed here, so that a failed flush raises
             if callable(content):

@@ -6,10 +6,12 @@ non-persistent buffers, so the state dicts carry exactly the parameter names of 
 released LeNet and ResNet-110, and of torchvision's ResNet-50.
 """
 
+import copy
 import hashlib
 import io
 import platform
 import re
+import time
 
 import torch
 import torch.nn as nn
@@ -162,10 +164,6 @@ def cpuinfo(field):
         return ""
 
 
-def cpu_flags():
-    return set(cpuinfo("flags").split())
-
-
 def device_name(device):
     """The GPU's name, or the CPU's model and the threads torch uses: every timing names its machine."""
     device = torch.device(device)
@@ -174,30 +172,68 @@ def device_name(device):
     return f"{cpuinfo('model name') or platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
-def bf16_pays(device_type, flags=None):
-    """Whether bf16 autocast is known to be faster than fp32 on this kind of device: a CUDA GPU with
-    bf16 support, or a CPU with AMX (flag amx_bf16). AVX-512 BF16 alone is not enough: on a Xeon with
-    it and no AMX, bf16 trained LeNet only 6% faster than fp32 and certified at 0.72x fp32's
-    samples/s (results/README.md); a CPU without either emulates bf16, slower still.
-    flags: the CPU's flags (default: this machine's)."""
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device_type == "cpu" and "amx_bf16" in (cpu_flags() if flags is None else flags)
+BF16_MARGIN = 1.2  # bf16 only where it measures at least this much faster: noise cannot flip it
 
 
-def fast_path(model, device, precision="auto", flags=None):
-    """The model in channels_last (in fp32 too: LeNet certification ran 1.7x and 2.2x the samples/s of
-    NCHW on an AMD EPYC and a Xeon, bench.py row 3d), and an autocast context for its forward
-    passes: bf16 if precision is "bf16", or "auto" where bf16_pays(device, flags); else fp32. The
-    logits stay float32 either way (LogitLinear). Returns (model, autocast, "bf16" or "fp32")."""
-    device = torch.device(device)
-    bf16 = precision == "bf16" or (precision == "auto" and bf16_pays(device.type, flags))
-    model = model.to(memory_format=torch.channels_last)
-    return (
-        model,
-        torch.autocast(device.type, torch.bfloat16, enabled=bf16),
-        "bf16" if bf16 else "fp32",
+def choose_precision(t_fp32, t_bf16, margin=BF16_MARGIN):
+    """ "bf16" where its time per call is at least `margin` times shorter than fp32's, else "fp32"
+    (also where bf16 was not timed: t_bf16 None)."""
+    return "bf16" if t_bf16 is not None and t_fp32 >= margin * t_bf16 else "fp32"
+
+
+def seconds_per_call(fn, device, budget):
+    """fn's mean wall time over at least 2 calls and `budget` seconds, after one untimed call
+    (allocations and kernel choice)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    fn()
+    sync()
+    calls, t0 = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - t0 < budget:
+        fn()
+        sync()
+        calls += 1
+    return (time.perf_counter() - t0) / calls
+
+
+def measure_precision(model, device, x, train, budget=0.25, log=print):
+    """Precision "auto": time the workload itself, in fp32 and under bf16 autocast, both in
+    channels_last, on a copy of the model (BatchNorm's statistics and the gradients stay as they
+    were): a training step (forward and backward) if train, else inference, on the batch x.
+    Returns choose_precision's answer; one line says the ratio and the choice. No flag table:
+    the same AVX-512 BF16 flag is 1.8x faster on one CPU and 0.72x on another."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log("precision auto: this GPU has no bf16: fp32")
+        return "fp32"
+    probe = copy.deepcopy(model).to(device, memory_format=torch.channels_last).train(train)
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+
+    def call(bf16):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            with torch.inference_mode(not train):
+                out = probe(x)
+        if train:
+            out.float().sum().backward()
+
+    t_fp32 = seconds_per_call(lambda: call(False), device, budget)
+    t_bf16 = seconds_per_call(lambda: call(True), device, budget)
+    choice = choose_precision(t_fp32, t_bf16)
+    work = "training steps" if train else "inference"
+    log(
+        f"precision auto: bf16 at {t_fp32 / t_bf16:.2f}x fp32's speed ({work}, batch {len(x)}, "
+        f"{device_name(device)}; bf16 from {BF16_MARGIN}x): {choice}",
+        flush=True,
     )
+    return choice
+
+
+def fast_path(model, device, precision):
+    """The model in channels_last (in fp32 too: LeNet certification ran 1.7x and 2.2x the samples/s
+    of NCHW on an AMD EPYC and a Xeon, bench.py row 3d), and an autocast context for its forward
+    passes, bf16 if precision is "bf16". The logits stay float32 either way (LogitLinear).
+    Returns (model, autocast)."""
+    device = torch.device(device)
+    model = model.to(memory_format=torch.channels_last)
+    return model, torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
 def default_batch(arch, device):

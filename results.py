@@ -240,9 +240,7 @@ def _continue(f, path, settings, indices, check, overwrite, log):
         if todo and not text:
             append_line(f.fileno(), HEADER + "\n")
         if todo:
-            data.atomic_write(
-                settings_path(path), json.dumps(settings, indent=1)
-            )
+            data.atomic_write(settings_path(path), json.dumps(settings, indent=1))
     except OSError as e:
         raise ValueError(
             f"could not write {path} or its settings record ({e.strerror}); make room and rerun"
@@ -349,9 +347,7 @@ def format_table(summary, title=""):
 def save_table(summary, tsv_path, title):
     """format_table's text, also written (atomically) beside the TSV as <name>_table.txt."""
     table = format_table(summary, title)
-    data.atomic_write(
-        os.path.splitext(tsv_path)[0] + "_table.txt", table + "\n"
-    )
+    data.atomic_write(os.path.splitext(tsv_path)[0] + "_table.txt", table + "\n")
     return table
 
 

@@ -2,8 +2,10 @@
 checkpoints, data readers, train.py and certify.py end to end (one process and torchrun), and the
 mistakes a user can make, each ending in one sentence. Run: python -m pytest -q test_macer.py test_tools.py"""
 
+import dataclasses
 import errno
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -572,20 +574,60 @@ def test_forward_shapes_and_normalisation_inside_the_model(dataset):
     torch.testing.assert_close(out, want)
 
 
-def test_bf16_is_the_default_only_where_it_is_known_to_pay():
-    """CPU flags decide: AMX yes; AVX-512 BF16 alone, AVX2, nothing: no. --bf16 and --fp32 force."""
-    assert models.bf16_pays("cpu", {"avx512f", "amx_bf16", "amx_tile"})
-    for flags in ({"avx512f", "avx512_bf16"}, {"avx2", "fma"}, set()):
-        assert not models.bf16_pays("cpu", flags)
-    lenet = lambda: models.get_model("mnist")
-    assert models.fast_path(lenet(), "cpu", "auto", flags={"amx_bf16"})[2] == "bf16"
-    assert models.fast_path(lenet(), "cpu", "auto", flags={"avx512_bf16"})[2] == "fp32"
-    assert models.fast_path(lenet(), "cpu", "fp32", flags={"amx_bf16"})[2] == "fp32"
-    _, autocast, precision = models.fast_path(lenet(), "cpu", "bf16", flags=set())
-    assert precision == "bf16" and autocast.fast_dtype == torch.bfloat16 and autocast._enabled
-    assert "threads)" in models.device_name("cpu") and models.cpuinfo(
-        "model name"
-    ) in models.device_name("cpu")
+def test_precision_auto_takes_bf16_only_where_it_measures_clearly_faster(monkeypatch):
+    """Injected timings: bf16 clearly faster (2x) gives bf16; about equal (1.1x, under the 1.2x
+    margin) and slower give fp32, as does no bf16 timing. measure_precision reports the ratio in
+    one line, and leaves the model it probes as it was: weights, BatchNorm statistics, no grads."""
+    assert models.choose_precision(1.0, 0.5) == "bf16"
+    assert models.choose_precision(1.0, 1 / 1.1) == "fp32"
+    assert models.choose_precision(1.0, 1.4) == "fp32"
+    assert models.choose_precision(1.0, None) == "fp32"
+    model = models.get_model("cifar10", arch="resnet20")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(4, 3, 32, 32)
+    for t_fp32, t_bf16, want in ((2.0, 1.0, "bf16"), (1.1, 1.0, "fp32"), (1.0, 3.0, "fp32")):
+        for train_step in (True, False):
+            times, lines = iter((t_fp32, t_bf16)), []
+
+            def injected(fn, device, budget, times=times):
+                fn()  # the real call, once: it must run in both precisions
+                return next(times)
+
+            monkeypatch.setattr(models, "seconds_per_call", injected)
+            log = lambda line, **k: lines.append(line)  # noqa: B023
+            assert (
+                models.measure_precision(model, torch.device("cpu"), x, train_step, log=log) == want
+            )
+            assert f"bf16 at {t_fp32 / t_bf16:.2f}x fp32's speed" in lines[0]
+            assert lines[0].endswith(want)
+    monkeypatch.undo()
+    assert models.measure_precision(
+        model, torch.device("cpu"), x, True, budget=0.01, log=print
+    ) in ("bf16", "fp32")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert "threads)" in models.device_name("cpu")
+    assert models.cpuinfo("model name") in models.device_name("cpu")
+
+
+def test_training_precision_follows_the_flags_then_the_record_then_the_probe(monkeypatch):
+    """--bf16/--fp32 force; a resume trains on in the precision the checkpoint last trained in
+    (and its record keeps each epoch's); a run too short to pay for the probe is fp32; else the
+    probe decides."""
+    cfg = train.recipe("fashion-mnist", 0.25, "macer")
+    monkeypatch.setattr(models, "measure_precision", lambda *a, **k: "bf16")
+    lenet, cpu = models.get_model("fashion-mnist"), torch.device("cpu")
+    pick = lambda cfg, ckpt, steps: train.training_precision(cfg, lenet, cpu, ckpt, steps, print)
+    assert pick(cfg, None, 1000) == "bf16" and pick(cfg, None, 49) == "fp32"
+    assert pick(dataclasses.replace(cfg, fp32=True), None, 1000) == "fp32"
+    old = dict(epoch=3, config=dict(precision="fp32"))  # a checkpoint that recorded one precision
+    assert pick(cfg, old, 1000) == "fp32" and train.epoch_precisions(old) == ["fp32"] * 3
+    assert pick(cfg, dict(old, precisions=["fp32", "bf16", "bf16"]), 1000) == "bf16"
+    assert (
+        train.describe_precisions(["bf16"] * 5 + ["fp32"] * 5)
+        == "bf16 in epochs 1-5, fp32 in epochs 6-10"
+    )
+    assert train.describe_precisions(["fp32"] * 3) == "fp32"
 
 
 def test_checkpoint_loading_never_runs_code(tmp_path):
@@ -732,8 +774,7 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
         "5",
     )
     log = run(*common, "--epochs", "1")
-    precision = "bf16" if models.bf16_pays("cpu") else "fp32"
-    assert f"cpu {precision}" in log and "over 5 inputs" in log
+    assert "cpu fp32" in log and "over 5 inputs" in log  # under 50 steps: fp32, not measured
     first = results.read_tsv(str(out / "certify.tsv"))
     log = run(*common, "--epochs", "2", "--resume")
     assert "resumed" in log and "afresh" in log and "over 5 inputs" in log
@@ -759,7 +800,7 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
     assert (
         sum(r["correct"] for r in rows) >= 2
     )  # chance is 0.5 of 5: the smoothed classifier learnt the bars
-    assert f"{precision}, 1 process(es) ->" in log
+    assert "fp32, 1 process(es) ->" in log
     (entry,) = results.read_summary(str(tmp_path / "s.json"))
     assert entry == {
         **entry,
@@ -774,7 +815,7 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
             n=300,
             alpha=0.001,
             bound="bernstein",
-            precision=precision,
+            precision="fp32",
             tsv=str(tmp_path / "c.tsv"),
             checkpoint=str(out / "checkpoint.pt"),
             certified=5,
@@ -1261,6 +1302,7 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monke
 
     with pytest.raises(OSError, match="No space"):
         data.atomic_write(str(path), full)
+
     def full_on_flush(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -1316,6 +1358,43 @@ def test_an_allocation_failure_names_the_flags_to_lower(tiny_fmnist, lenet_ckpt,
     assert "out of memory" in msg and "--batch" in msg
 
 
+def test_out_through_a_symlink_or_at_a_fifo_is_refused_and_touches_nothing(
+    lenet_ckpt, tiny_fmnist, tmp_path
+):
+    """--out link.tsv --overwrite would truncate the file the link points to: refused, in one
+    line, with that file and its record as they were; a FIFO is refused without blocking."""
+    other = tmp_path / "other.tsv"
+    other.write_text(results.HEADER + "\n0\t3\t3\t0.50000\t1\t1.0\n")
+    (tmp_path / "link.tsv").symlink_to(other)
+    base = [lenet_ckpt, "--data-dir", tiny_fmnist, "--n", "100", "--max", "1", "--overwrite"]
+    assert "symbolic link" in one_line_error(
+        certify.main, base + ["--out", str(tmp_path / "link.tsv")]
+    )
+    assert other.read_text().count("\n") == 2 and not (tmp_path / "link_settings.json").exists()
+    os.mkfifo(tmp_path / "fifo.tsv")
+    assert "not a regular file" in one_line_error(
+        certify.main, base + ["--out", str(tmp_path / "fifo.tsv")]
+    )
+
+
+def test_the_record_hashes_the_bytes_that_were_loaded(lenet_ckpt, tmp_path, monkeypatch):
+    """The checkpoint is read once: if train.py replaces the file after the load, the record still
+    names the model that certified the rows."""
+    path = tmp_path / "c.pt"
+    path.write_bytes(open(lenet_ckpt, "rb").read())
+    real_load = torch.load
+
+    def load_then_replace(f, **kw):
+        state = real_load(f, **kw)
+        path.write_bytes(b"the next epoch's checkpoint")
+        return state
+
+    monkeypatch.setattr(torch, "load", load_then_replace)
+    _, cfg = models.load_checkpoint(str(path))
+    with open(lenet_ckpt, "rb") as f:
+        assert cfg["sha256"] == hashlib.sha256(f.read()).hexdigest()
+
+
 def test_certify_rejects_bad_input(lenet_ckpt, tiny_fmnist, tmp_path, monkeypatch):
     base = [lenet_ckpt, "--data-dir", tiny_fmnist, "--out", str(tmp_path / "x.tsv")]
     for flags, words in [
@@ -1333,6 +1412,9 @@ def test_certify_rejects_bad_input(lenet_ckpt, tiny_fmnist, tmp_path, monkeypatc
         (["--device", "foo"], "unknown device"),
         (["--device", "cuda:99"], "no CUDA device"),
         (["--fp32", "--bf16"], "contradict"),
+        (["--max", "0"], "--max"),  # zero is refused, never read as the default
+        (["--skip", "0"], "--skip"),
+        (["--batch", "0"], "--batch"),
     ]:
         assert words in one_line_error(certify.main, base + flags), flags
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: say so before certifying

@@ -147,10 +147,10 @@ class Config:
     out_dir: str = arg("", "where the run goes (default: runs/DATASET_METHOD_sSIGMA)")
     workers: int = arg(min(8, os.cpu_count() or 1), "data-loading processes (ImageNet only)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
-    fp32: bool = arg(False, "no bf16 autocast", action="store_true")
+    fp32: bool = arg(False, "fp32, even where bf16 measures faster", action="store_true")
     bf16: bool = arg(
         False,
-        "bf16 autocast even where it is not known to pay (models.bf16_pays)",
+        "bf16 autocast, even where it measures slower (default: the faster, measured)",
         action="store_true",
     )
     compile: bool = arg(False, "torch.compile the model", action="store_true")
@@ -313,6 +313,8 @@ def resumed_config(saved, flags, epochs_done):
             f"--resume continues the saved run and cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}"
             "; drop those flags, or start a new run in another --out-dir"
         )
+    if "fp32" in flags or "bf16" in flags:  # a precision given now replaces the saved one
+        saved = dataclasses.replace(saved, fp32=False, bf16=False)
     cfg = dataclasses.replace(saved, **{k: v for k, v in flags.items() if k in RESUMABLE})
     if cfg.epochs < epochs_done:
         raise ValueError(
@@ -366,9 +368,17 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     cfg, ckpt = open_run(cfg, flags, resume, overwrite, ckpt_path, rank)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
-    model, opt, sched, autocast, precision = build(cfg, device, ckpt, rank)
+    model, opt, sched = build(cfg, device, ckpt, rank)
     train_set = load_train_set(cfg, device, world > 1)
     ddp = world > 1
+    steps = cfg.epochs * len(train_set) // (cfg.batch * world)  # upper bound on a DataLoader
+    precision = training_precision(cfg, model, device, ckpt, steps, log)
+    if ddp:  # every process trains in rank 0's precision
+        choice = [precision]
+        dist.broadcast_object_list(choice, src=0)
+        precision = choice[0]
+    model, autocast = models.fast_path(model, device, precision)
+    precisions = epoch_precisions(ckpt)
     net = (
         torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -408,6 +418,7 @@ def fit(cfg, flags, resume, overwrite, rank, world):
             f"{s[3] / (time.time() - t0):>7.0f} {time.time() - t_run:>7.0f}s  {precision}",
             flush=True,
         )
+        precisions.append(precision)
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             save_checkpoint(
                 ckpt_path,
@@ -417,7 +428,7 @@ def fit(cfg, flags, resume, overwrite, rank, world):
                 cfg,
                 epoch + 1,
                 time.time() - t_run,
-                precision,
+                precisions,
                 device,
                 rank,
                 world,
@@ -508,9 +519,6 @@ def load_train_set(cfg, device, ddp):
 def build(cfg, device, ckpt, rank):
     """The model on its fast path, SGD and the step schedule, restored from ckpt if given."""
     model = models.get_model(cfg.dataset, arch=cfg.arch).to(device)
-    model, autocast, precision = models.fast_path(
-        model, device, "bf16" if cfg.bf16 else "fp32" if cfg.fp32 else "auto"
-    )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     opt = torch.optim.SGD(
@@ -531,12 +539,49 @@ def build(cfg, device, ckpt, rank):
         torch.set_rng_state(rng_cpu)
         if device.type == "cuda" and rng_cuda is not None:
             torch.cuda.set_rng_state(rng_cuda, device)
-    return model, opt, sched, autocast, precision
+    return model, opt, sched
 
 
-def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precision, device, rank, world):
+def training_precision(cfg, model, device, ckpt, steps, log):
+    """--bf16 or --fp32 if given; on --resume, the precision the checkpoint last trained in; in a
+    run of fewer than 50 steps, fp32 (measuring would cost more than it can save); else the faster
+    of the two for a training step on this device (models.measure_precision)."""
+    if cfg.bf16 or cfg.fp32:
+        return "bf16" if cfg.bf16 else "fp32"
+    if ckpt is not None and epoch_precisions(ckpt)[-1:] in (["bf16"], ["fp32"]):
+        return epoch_precisions(ckpt)[-1]
+    if steps < 50:
+        return "fp32"
+    shape = data.dataset_facts(cfg.dataset).shape
+    seeded = torch.Generator().manual_seed(0)  # the run's own random stream is left as it was
+    x = torch.rand(min(cfg.batch * cfg.k, 512), *shape, generator=seeded)  # a step's noisy batch
+    return models.measure_precision(model, device, x, train=True, log=log)
+
+
+def epoch_precisions(ckpt):
+    """The precision of each epoch the checkpoint has trained (checkpoints that recorded one
+    precision for the run: that one for each epoch)."""
+    if ckpt is None:
+        return []
+    return list(ckpt.get("precisions") or [ckpt["config"].get("precision")] * ckpt["epoch"])
+
+
+def describe_precisions(precisions):
+    """ "bf16", or "bf16 in epochs 1-5, fp32 in epochs 6-10" where a resume changed it."""
+    spans = []  # [precision, first epoch, last epoch]
+    for epoch, p in enumerate(precisions, 1):
+        if spans and spans[-1][0] == p:
+            spans[-1][2] = epoch
+        else:
+            spans.append([p, epoch, epoch])
+    if len(spans) == 1:
+        return spans[0][0]
+    return ", ".join(f"{p} in epochs {a}-{b}" for p, a, b in spans)
+
+
+def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precisions, device, rank, world):
     """Every rank's RNG state (a resumed DDP run draws the same noise) and rank 0's model,
-    optimizer and schedule, written atomically by rank 0."""
+    optimizer and schedule, written atomically by rank 0. precisions: one per epoch trained."""
     rng = [
         (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     ]
@@ -553,8 +598,11 @@ def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precision, dev
         epoch=epoch,
         rng=rng,
         train_seconds=seconds,
+        precisions=precisions,
         config=dict(
-            dataclasses.asdict(cfg), precision=precision, device_name=models.device_name(device)
+            dataclasses.asdict(cfg),
+            precision=describe_precisions(precisions),
+            device_name=models.device_name(device),
         ),
     )
     try:
