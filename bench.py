@@ -79,18 +79,15 @@ def row(name, a, b, unit, target, note=""):
 
 
 # ---------------------------------------------------------------- 1. loss overhead
-def train_step(model, opt, x, y, loss, fast, noise=None, targets=None):
-    """One step on the K noisy copies of each of the len(x) inputs. No .item(): nothing in a step
-    waits for the device. targets: y repeated per copy, for the cross-entropy step."""
-    x_noisy = noisy_copies(x, K, SIGMA, noise).contiguous(
-        memory_format=torch.channels_last
-    )  # (n*K, C, H, W)
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=fast):
-        logits = model(x_noisy)
-    if loss == "macer":  # macer_loss computes in float32 whatever autocast chose
+def train_step(model, opt, x, y, loss, noise=None, targets=None):
+    """One step of `model` (on its fast path: layout and precision) on the K noisy copies of each
+    of the len(x) inputs. No .item(): nothing in a step waits for the device. targets: y repeated
+    per copy, for the cross-entropy step."""
+    logits = model(noisy_copies(x, K, SIGMA, noise))  # (n*K, C, H, W) -> (n*K, 10)
+    if loss == "macer":
         l = macer_loss(logits.view(len(x), K, -1), y, SIGMA, LBD, GAMMA, BETA)[0]
     else:
-        l = F.cross_entropy(logits.float(), targets)
+        l = F.cross_entropy(logits, targets)
     opt.zero_grad(set_to_none=True)
     l.backward()
     opt.step()
@@ -101,7 +98,7 @@ def default_path(model, dataset, device, train, batch=N * K):
     and the precision that models.measure_precision picks. Returns (model, precision)."""
     x = torch.rand(min(batch, 512), *data.DATASETS[dataset].shape)
     precision = models.measure_precision(model, device, x, train)
-    return models.fast_path(model, device, precision)[0], precision
+    return models.fast_path(model, precision), precision
 
 
 def loss_overhead(label, dataset, arch, device, repeats, iters, compile, note=""):
@@ -110,7 +107,6 @@ def loss_overhead(label, dataset, arch, device, repeats, iters, compile, note=""
     model, precision = default_path(
         models.get_model(dataset, arch=arch).to(device), dataset, device, True
     )
-    fast = precision == "bf16"
     torch.backends.cudnn.benchmark = device.type == "cuda"
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     net = torch.compile(model) if compile else model
@@ -119,8 +115,8 @@ def loss_overhead(label, dataset, arch, device, repeats, iters, compile, note=""
     # One noise draw for both steps: the same 1024 noisy images, and the ratio isolates the loss.
     noise = torch.randn(N * K, *x.shape[1:], device=device)
     targets = y.repeat_interleave(K)  # copies of input i sit in rows i*K .. i*K+K-1
-    macer = lambda: [train_step(net, opt, x, y, "macer", fast, noise) for _ in range(iters)]
-    ce = lambda: [train_step(net, opt, x, y, "ce", fast, noise, targets) for _ in range(iters)]
+    macer = lambda: [train_step(net, opt, x, y, "macer", noise) for _ in range(iters)]
+    ce = lambda: [train_step(net, opt, x, y, "ce", noise, targets) for _ in range(iters)]
     t_macer, t_ce = alternate(macer, ce, device, repeats)
     return row(
         f"1. {label} step: MACER / CE",
@@ -148,12 +144,13 @@ def training(device, images, repeats):
     def epoch(fp32, images=images):
         model = models.get_model("fashion-mnist").to(device)
         model.load_state_dict(init)
-        model, autocast = models.fast_path(model, device, "fp32" if fp32 else "bf16")
+        model = models.fast_path(model, "fp32" if fp32 else "bf16")
         opt = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         batches = data.batches(images, N, 0, 0, False, device)
-        return lambda: train.train_one_epoch(model, opt, batches, cfg, LBD, autocast, print)
+        paper = (cfg.k, cfg.sigma, LBD, cfg.gamma, cfg.beta)
+        return lambda: sum(train.train_one_epoch(model, opt, batches, *paper)).tolist()
 
     warm = data.TensorImages(images.x[: 4 * N], images.y[: 4 * N])
     for fp32 in (False, True):  # warm-up on a few steps: the full-size A and B alternate below
@@ -183,7 +180,7 @@ def batch_sweep(label, dataset, arch, device, n, grid):
     model, precision = default_path(
         model, dataset, device, False, models.default_batch(arch, device)
     )
-    smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
+    smooth = certify.Smooth(model, 10, SIGMA, device=device)
     x = torch.rand(*data.DATASETS[dataset].shape, device=device)
     default = models.default_batch(arch, device)
     rate = {}
@@ -253,10 +250,10 @@ def layout_and_precision(device, n, repeats):
     cl = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
     x = torch.rand(1, 28, 28, device=device)
     rate = lambda t: (N0 + n) / t
-    as_nchw = lambda batch: nchw(batch.contiguous())  # undoes Smooth's channels_last batches
+    on_path = lambda bf16: models.FastPath(cl, bf16)  # channels_last batches too
     smooth = {
-        name: certify.Smooth(m, 10, SIGMA, device=device, bf16=bf16)
-        for name, m, bf16 in (("nchw", as_nchw, False), ("cl", cl, False), ("bf16", cl, True))
+        name: certify.Smooth(m, 10, SIGMA, device=device)
+        for name, m in (("nchw", nchw), ("cl", on_path(False)), ("bf16", on_path(True)))
     }
     certify_with = lambda name: lambda: smooth[name].certify(x, N0, n, ALPHA, 400)
     t_cl, t_nchw = alternate(certify_with("cl"), certify_with("nchw"), device, repeats)
@@ -298,7 +295,7 @@ def ceiling(device, repeats):
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.rand(N, 1, 28, 28, device=device), torch.randint(0, 10, (N,), device=device)
-    step = lambda: train_step(model, opt, x, y, "macer", precision == "bf16")
+    step = lambda: train_step(model, opt, x, y, "macer")
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
@@ -329,6 +326,10 @@ def ceiling(device, repeats):
 
 
 # ---------------------------------------------------------------- 5. GPU: epoch and certification
+def bf16_works(device):
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def epoch_time(device, arch, steps, repeats, compile):
     """A MACER epoch on 50,000 synthetic CIFAR-size images, extrapolated from `steps` steps. A:
     eager fp32, data on the host, augmented there and copied each step. B: the fast path."""
@@ -337,7 +338,7 @@ def epoch_time(device, arch, steps, repeats, compile):
     labels = torch.randint(0, 10, (50_000,))
     images_dev, labels_dev = images.to(device), labels.to(device)
     model_a = models.get_model("cifar10", arch=arch).to(device)
-    model_b = copy.deepcopy(model_a).to(memory_format=torch.channels_last)
+    model_b = models.fast_path(copy.deepcopy(model_a), "bf16" if bf16_works(device) else "fp32")
     opt_a, opt_b = (
         torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         for m in (model_a, model_b)
@@ -349,14 +350,14 @@ def epoch_time(device, arch, steps, repeats, compile):
         for _ in range(steps):
             idx = torch.randint(0, len(images), (N,))
             x = data.crop_flip(images[idx].float() / 255).to(device)
-            train_step(model_a, opt_a, x, labels[idx].to(device), "macer", fast=False)
+            train_step(model_a, opt_a, x, labels[idx].to(device), "macer")
 
     def fast():
         torch.backends.cudnn.benchmark = True  # autotuned in the warm-up call
         for _ in range(steps):
             idx = torch.randint(0, len(images), (N,), device=device)
             x = data.crop_flip(images_dev[idx].float() / 255)
-            train_step(net_b, opt_b, x, labels_dev[idx], "macer", fast=True)
+            train_step(net_b, opt_b, x, labels_dev[idx], "macer")
 
     t_a, t_b = alternate(eager_fp32, fast, device, repeats)
     return row(
@@ -377,7 +378,7 @@ def certify_time(device, arch, n, inputs):
     batch = models.default_batch(arch, device)
     model = models.get_model("cifar10", arch=arch).to(device).eval()
     model, precision = default_path(model, "cifar10", device, False, batch)
-    smooth = certify.Smooth(model, 10, SIGMA, device=device, bf16=precision == "bf16")
+    smooth = certify.Smooth(model, 10, SIGMA, device=device)
     xs = torch.rand(inputs, 3, 32, 32, device=device)
     smooth.certify(xs[0], N0, batch * 10, ALPHA, batch)  # warm-up
     seconds = statistics.median(
@@ -407,7 +408,7 @@ def certify_worker(n, inputs):
     model = (
         models.load_checkpoint(E10)[0] if os.path.exists(E10) else models.get_model("fashion-mnist")
     )
-    model, _ = models.fast_path(model.eval(), "cpu", "fp32")
+    model = models.fast_path(model.eval(), "fp32")
     try:
         test_set = data.load_dataset("fashion-mnist", "data", train=False)
         xs = [test_set[i][0] for i in range(0, 20 * inputs, 20)]

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import datetime
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -20,7 +21,8 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from scipy.stats import beta as beta_dist, binomtest, norm
+from scipy.stats import beta as beta_dist
+from scipy.stats import binomtest, norm
 
 import data
 
@@ -60,6 +62,113 @@ def radius(p_A_low, sigma, p_B_up=None):
     return sigma / 2 * float(norm.ppf(p_A_low) - norm.ppf(p_B_up)) if p_A_low > p_B_up else None
 
 
+# ---------------------------------------------------------------- the smoothed classifier
+class Smooth:
+    """g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), around the base classifier f,
+    which maps (b, *D) inputs in [0, 1] pixel space to (b, num_classes) logits; beta is Soft-RS's
+    inverse temperature. The noise is drawn on `device` (default: the classifier's, else the
+    input's), from `generator` where a method takes one (default: torch's global one). A sample
+    whose logits are not all finite votes for no class. Each call restores the classifier's
+    train/eval modes; bad arguments raise ValueError (check_call)."""
+
+    ABSTAIN = -1
+
+    def __init__(self, base_classifier, num_classes, sigma, beta=1.0, device=None):
+        check_smooth(num_classes, sigma, beta)
+        self.base_classifier, self.num_classes = base_classifier, num_classes
+        self.sigma, self.beta = float(sigma), float(beta)
+        self.device = torch.device(device) if device is not None else device_of(base_classifier)
+
+    def predict(self, x, n, alpha, batch_size, generator=None):
+        """Cohen et al.'s PREDICT: the top class of n samples, or ABSTAIN unless a two-sided
+        binomial test says the top two counts differ at level alpha."""
+        with check_call(self, x, alpha, batch_size, n=n) as x:
+            counts = self._counts(x, n, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n, sigma)
+        *counts, bad = counts.tolist()
+        warn_nonfinite(bad, n)
+        c_A, c_B = sorted(range(self.num_classes), key=lambda c: -counts[c])[:2]  # top two
+        n_A, n_B = counts[c_A], counts[c_B]
+        if n_A > 0 and binomtest(n_A, n_A + n_B, 0.5).pvalue <= alpha:  # BINOMPVALUE <= alpha
+            return c_A
+        return Smooth.ABSTAIN
+
+    def certify(self, x, n0, n, alpha, batch_size, bound="clopper-pearson", generator=None):
+        """Returns (c_A, radius) or (ABSTAIN, 0.0). bound: "clopper-pearson" is Hard-RS, Cohen et
+        al.'s CERTIFY (Theorem 1); "hoeffding" (Eq. 23) and "bernstein" (Eq. 26) are Soft-RS,
+        Algorithm 2, on z = softmax(beta * u). c_A is chosen from n0 selection samples; its
+        probability is bounded from n fresh estimation samples, so the bound holds."""
+        with check_call(self, x, alpha, batch_size, n0=n0, n=n, bound=bound) as x:
+            certify_with = self._certify_hard if bound == "clopper-pearson" else self._certify_soft
+            c_A, p_A_low, bad = certify_with(x, n0, n, alpha, batch_size, bound, generator)
+        warn_nonfinite(bad, n)
+        R = radius(p_A_low, self.sigma)  # sigma * PhiInv(p_A_low) if p_A_low > 1/2, else abstain
+        return (Smooth.ABSTAIN, 0.0) if R is None else (c_A, R)
+
+    def _certify_hard(self, x, n0, n, alpha, batch_size, bound, generator):
+        """Cohen et al.'s CERTIFY(f, sigma, x, n0, n, alpha) up to the radius: (c_A, p_A_low, bad)."""
+        counts0 = self._counts(x, n0, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n0, sigma)
+        c_A = int(counts0[:-1].argmax())  # c_A <- top index in counts0
+        counts = self._counts(x, n, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n, sigma)
+        n_A, bad = counts[[c_A, -1]].tolist()
+        return c_A, clopper_pearson_lower(n_A, n, alpha), bad  # LOWERCONFBOUND(n_A, n, 1 - alpha)
+
+    def _certify_soft(self, x, n0, n, alpha, batch_size, bound, generator):
+        """Algorithm 2's CERTIFYHOEFFDING and CERTIFYBERNSTEIN(z, sigma^2, x, n0, n, alpha) up to
+        the radius: (c_A, z_A_low, bad)."""
+        z_hat_0 = self._moments(x, n0, batch_size, generator)[0] / n0  # SAMPLEUNDERNOISE[1, :] / n0
+        c_A = int(z_hat_0.argmax())  # c_A <- argmax_c z_hat_0^c
+        A = self._moments(x, n, batch_size, generator)  # A <- SAMPLEUNDERNOISE(z, x, n, sigma^2)
+        A_1, A_2, bad = A[:, c_A].tolist()
+        z_hat_A = A_1 / n  # z_hat_A <- A[1, c_A] / n
+        if bound == "hoeffding":
+            return c_A, hoeffding_lower(z_hat_A, n, alpha), bad  # Eq. 23
+        S2_A = sample_variance(A_1, A_2, n)  # Eq. 25
+        return c_A, bernstein_lower(z_hat_A, S2_A, n, alpha), bad  # Eq. 26
+
+    @torch.inference_mode()
+    def _counts(self, x, num, batch_size, generator):
+        """Hard-RS's SAMPLEUNDERNOISE: (K + 1,) counts of argmax_c u^c(x + eta) over num samples,
+        on the device; the last entry counts the samples with non-finite logits, no class's vote."""
+        K = self.num_classes
+        counts = torch.zeros(K + 1, dtype=torch.long, device=x.device)
+        for logits in self._noisy_logits(x, num, batch_size, generator):
+            vote = logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), K)  # (b,)
+            counts += torch.bincount(vote, minlength=K + 1)
+        return counts
+
+    @torch.inference_mode()
+    def _moments(self, x, num, batch_size, generator):
+        """Algorithm 2's SAMPLEUNDERNOISE: (3, K) float64 sums over num samples of z and of z^2,
+        z = softmax(beta * u(x + eta)), and in row 2 the count of non-finite samples (z = 0)."""
+        sums = torch.zeros(3, self.num_classes, dtype=torch.float64, device=x.device)
+        for logits in self._noisy_logits(x, num, batch_size, generator):
+            finite = torch.isfinite(logits).all(1, keepdim=True)  # (b, 1)
+            z = F.softmax(self.beta * logits, dim=1).double().where(finite, 0.0)
+            sums[0] += z.sum(0)
+            sums[1] += (z * z).sum(0)
+            sums[2] += (~finite).sum()
+        return sums
+
+    def _noisy_logits(self, x, num, batch_size, generator):
+        """The logits (b, K) of f at x + eta, eta ~ N(0, sigma^2 I), in batches of batch_size."""
+        D, device, dtype = x.shape, x.device, x.dtype
+        for start in range(0, num, batch_size):
+            b = min(batch_size, num - start)
+            eta = lambda b=b: torch.randn((b, *D), device=device, dtype=dtype, generator=generator)
+            yield classify(self, lambda eta=eta: x + self.sigma * eta())  # (b, *D)
+
+
+# ---------------------------------------------------------------- the metrics of Section 5
+def summarize(rows, grid=RADII):
+    """Approximate certified accuracy at each r in grid (correct and radius >= r) and the ACR
+    (mean radius, 0 for a wrong or abstained input), over the rows (dicts of label, predict, radius)."""
+    credit = [(r["predict"] == r["label"], r["radius"]) for r in rows]
+    n = max(len(rows), 1)
+    cert_acc = {g: sum(c and R >= g for c, R in credit) / n for g in grid}
+    return {"n": len(rows), "cert_acc": cert_acc, "acr": sum(c * R for c, R in credit) / n}
+
+
+# ---------------------------------------------------------------- Smooth's checks
 def largest_radius(sigma, n, alpha, bound):
     """The radius CERTIFY gives when all n samples agree (z_A = 1 for Soft-RS); None when even that
     abstains, so that no input can be certified with this n and alpha."""
@@ -71,230 +180,99 @@ def largest_radius(sigma, n, alpha, bound):
     return radius(p_A_low, sigma)
 
 
-# ---------------------------------------------------------------- the smoothed classifier
-class Smooth:
-    """A smoothed classifier around `base_classifier`, which maps (b, *D) inputs in [0, 1] pixel
-    space to (b, num_classes) logits. beta is the Soft-RS inverse temperature. The noise is drawn
-    on `device` (default: the classifier's, else the input's), from `generator` where a method
-    takes one (default: torch's global one). Batches go in channels_last; bf16=True runs the
-    classifier under bf16 autocast: the certificate is then about that bf16 classifier, a valid
-    base classifier of its own. A sample whose logits are not all finite votes for no class. The
-    classifier's train/eval mode is restored after each call."""
-
-    ABSTAIN = -1
-
-    def __init__(self, base_classifier, num_classes, sigma, beta=1.0, device=None, bf16=False):
-        for name, v in (("sigma", sigma), ("beta", beta)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0, not {v!r}")
-        if not (isinstance(num_classes, int) and num_classes >= 2):
-            raise ValueError(f"num_classes must be an integer >= 2, not {num_classes!r}")
-        self.base_classifier, self.num_classes, self.sigma, self.beta = (
-            base_classifier,
-            num_classes,
-            sigma,
-            beta,
+def is_number(v):
+    """A real number: Python's, numpy's or a 0-d tensor's; never a bool."""
+    return (
+        not isinstance(v, bool)
+        and isinstance(v, (int, float, numbers.Real))
+        or (
+            isinstance(v, torch.Tensor)
+            and v.dim() == 0
+            and not v.dtype.is_complex
+            and v.dtype != torch.bool
         )
-        tensors = (
-            [*base_classifier.parameters(), *base_classifier.buffers()]
-            if hasattr(base_classifier, "parameters")
-            else []
+    )
+
+
+def check_smooth(num_classes, sigma, beta):
+    for name, v in (("sigma", sigma), ("beta", beta)):
+        if not (is_number(v) and math.isfinite(float(v)) and float(v) > 0):
+            raise ValueError(f"{name} must be a finite number > 0, not {v!r}")
+    if not (
+        isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 2
+    ):
+        raise ValueError(f"num_classes must be an integer >= 2, not {num_classes!r}")
+
+
+def device_of(module):
+    tensors = [*module.parameters(), *module.buffers()] if hasattr(module, "parameters") else []
+    return tensors[0].device if tensors else None
+
+
+@contextlib.contextmanager
+def check_call(smooth, x, alpha, batch_size, bound="clopper-pearson", **counts):
+    """Check a call's arguments, put x on the device and the classifier in eval mode, and restore
+    each module's mode afterwards (certifying inside a training loop must not freeze BatchNorm)."""
+    if bound not in BOUNDS:
+        raise ValueError(f"unknown bound {bound!r}: use clopper-pearson, hoeffding or bernstein")
+    if bound == "bernstein" and counts["n"] < 2:
+        raise ValueError("the Bernstein bound needs n >= 2 samples (Eq. 25 divides by n - 1)")
+    if not (isinstance(alpha, float) and 0 < alpha < 1):
+        raise ValueError(f"alpha must be a float strictly between 0 and 1, not {alpha!r}")
+    for name, v in dict(counts, batch_size=batch_size).items():
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, not {v!r}")
+    f = smooth.base_classifier
+    modules = list(f.modules()) if isinstance(f, torch.nn.Module) else []
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.training = False
+    try:
+        yield x.to(smooth.device) if smooth.device is not None else x
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.training = mode
+
+
+def classify(smooth, make_batch):
+    """The base classifier's float32 logits (b, K) on the batch that make_batch() draws, with
+    errors explained: lower the batch when out of memory, check the input's shape when the
+    network rejected it."""
+    try:
+        batch = make_batch()
+        logits = smooth.base_classifier(batch).float()
+    except RuntimeError as e:
+        if out_of_memory(e):
+            raise MemoryError("out of memory on a batch of noisy samples: lower batch_size") from e
+        if any(w in str(e).lower() for w in ("shape", "size", "dimension", "expected")):
+            first = str(e).strip().splitlines()[0][:200]
+            raise ValueError(f"the base classifier failed ({first}): {shape_hint(batch)}") from e
+        raise
+    if logits.shape != (len(batch), smooth.num_classes):
+        raise ValueError(
+            f"the base classifier gave logits {tuple(logits.shape)}: {shape_hint(batch)}"
         )
-        self.device = (
-            torch.device(device) if device is not None else tensors[0].device if tensors else None
+    return logits
+
+
+def shape_hint(batch):
+    return (
+        f"pass one input x without a batch dimension (x has shape {tuple(batch.shape[1:])}), and "
+        "num_classes equal to the classifier's number of outputs"
+    )
+
+
+def warn_nonfinite(bad, num):
+    if bad:
+        warnings.warn(
+            f"{int(bad)} of {num} noisy samples gave non-finite logits; they voted for no class",
+            stacklevel=3,
         )
-        self.bf16 = bf16
-
-    def predict(self, x, n, alpha, batch_size, generator=None):
-        """Cohen et al.'s PREDICT: the top class of n samples, or ABSTAIN unless a two-sided
-        binomial test says the top two counts differ at level alpha."""
-        with self._evaluating(x, batch_size, alpha, n=n) as x:
-            counts = self._counts(
-                x, n, batch_size, generator
-            ).tolist()  # counts <- SAMPLEUNDERNOISE(f, x, n, sigma)
-        self._warn_nonfinite(counts.pop(), n)
-        c_A, c_B = sorted(range(self.num_classes), key=lambda c: -counts[c])[
-            :2
-        ]  # top two indices in counts
-        n_A, n_B = counts[c_A], counts[c_B]
-        if (
-            n_A > 0 and binomtest(n_A, n_A + n_B, 0.5).pvalue <= alpha
-        ):  # BINOMPVALUE(n_A, n_A + n_B, 0.5) <= alpha
-            return c_A
-        return Smooth.ABSTAIN
-
-    def certify(self, x, n0, n, alpha, batch_size, bound="clopper-pearson", generator=None):
-        """Returns (c_A, radius) or (ABSTAIN, 0.0). bound: "clopper-pearson" is Hard-RS, Cohen et
-        al.'s CERTIFY (Theorem 1); "hoeffding" (Eq. 23) and "bernstein" (Eq. 26) are Soft-RS,
-        Algorithm 2, on z = softmax(beta * u). c_A is chosen from n0 selection samples; its
-        probability is bounded from n fresh estimation samples, so the bound holds."""
-        if bound not in BOUNDS:
-            raise ValueError(
-                f"unknown bound {bound!r}: use clopper-pearson, hoeffding or bernstein"
-            )
-        if bound == "bernstein" and n < 2:
-            raise ValueError("the Bernstein bound needs n >= 2 samples (Eq. 25 divides by n - 1)")
-        with self._evaluating(x, batch_size, alpha, n0=n0, n=n) as x:
-            hard = bound == "clopper-pearson"
-            c_A, p_A_low, bad = (self._certify_hard if hard else self._certify_soft)(
-                x, n0, n, alpha, batch_size, bound, generator
-            )
-        self._warn_nonfinite(bad, n)
-        R = radius(
-            p_A_low, self.sigma
-        )  # if p_A_low > 1/2: c_A and radius sigma * PhiInv(p_A_low); else ABSTAIN
-        return (Smooth.ABSTAIN, 0.0) if R is None else (c_A, R)
-
-    def _certify_hard(self, x, n0, n, alpha, batch_size, bound, generator):
-        """Cohen et al.'s CERTIFY(f, sigma, x, n0, n, alpha), up to the radius. Returns (c_A, p_A_low, bad)."""
-        K = self.num_classes
-        counts0 = self._counts(
-            x, n0, batch_size, generator
-        )  # counts0 <- SAMPLEUNDERNOISE(f, x, n0, sigma)
-        c_A = int(counts0[:K].argmax())  # c_A <- top index in counts0
-        counts = self._counts(
-            x, n, batch_size, generator
-        )  # counts <- SAMPLEUNDERNOISE(f, x, n, sigma)
-        n_A, bad = counts[[c_A, K]].tolist()
-        return (
-            c_A,
-            clopper_pearson_lower(n_A, n, alpha),
-            bad,
-        )  # p_A <- LOWERCONFBOUND(counts[c_A], n, 1 - alpha)
-
-    def _certify_soft(self, x, n0, n, alpha, batch_size, bound, generator):
-        """Algorithm 2's CERTIFYHOEFFDING and CERTIFYBERNSTEIN(z, sigma^2, x, n0, n, alpha), up to the
-        radius. Returns (c_A, z_A_low, bad)."""
-        z_hat_0 = (
-            self._moments(x, n0, batch_size, generator)[0] / n0
-        )  # z_hat_0 <- SAMPLEUNDERNOISE(z, x, n0, sigma^2)[1, :] / n0
-        c_A = int(z_hat_0.argmax())  # c_A <- argmax_c z_hat_0^c
-        A = self._moments(x, n, batch_size, generator)  # A <- SAMPLEUNDERNOISE(z, x, n, sigma^2)
-        A_1, A_2, bad = A[:, c_A].tolist()
-        z_hat_A = A_1 / n  # z_hat_A <- A[1, c_A] / n
-        if bound == "hoeffding":
-            return (
-                c_A,
-                hoeffding_lower(z_hat_A, n, alpha),
-                bad,
-            )  # z_A_low <- z_hat_A - sqrt(-log(alpha) / 2n)
-        S2_A = sample_variance(A_1, A_2, n)  # S_A^2 <- (A[2, c_A] - A[1, c_A]^2 / n) / (n - 1)
-        return (
-            c_A,
-            bernstein_lower(z_hat_A, S2_A, n, alpha),
-            bad,
-        )  # z_A_low <- z_hat_A - sqrt(2 S_A^2 log(2/alpha) / n) - ...
-
-    @torch.inference_mode()
-    def _counts(self, x, num, batch_size, generator):
-        """Hard-RS's SAMPLEUNDERNOISE: (K + 1,) counts of argmax_c u^c(x + eta) over num samples,
-        kept on the device; the last entry counts the samples with non-finite logits, which vote
-        for no class."""
-        K = self.num_classes
-        counts = torch.zeros(K + 1, dtype=torch.long, device=x.device)
-        for logits in self._noisy_logits(x, num, batch_size, generator):
-            vote = logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), K)  # (b,)
-            counts += torch.bincount(vote, minlength=K + 1)
-        return counts
-
-    @torch.inference_mode()
-    def _moments(self, x, num, batch_size, generator):
-        """Algorithm 2's SAMPLEUNDERNOISE: (3, K) float64 sums over num samples of z and of z^2,
-        z = softmax(beta * u(x + eta)), and in row 2 the count of non-finite samples, whose z is 0."""
-        sums = torch.zeros(3, self.num_classes, dtype=torch.float64, device=x.device)
-        for logits in self._noisy_logits(x, num, batch_size, generator):
-            finite = torch.isfinite(logits).all(1, keepdim=True)  # (b, 1)
-            z = F.softmax(self.beta * logits, dim=1).double().where(finite, 0.0)
-            sums[0] += z.sum(0)
-            sums[1] += (z * z).sum(0)
-            sums[2] += (~finite).sum()
-        return sums
-
-    def _noisy_logits(self, x, num, batch_size, generator):
-        """The logits (b, K) of the base classifier at x + eta, eta ~ N(0, sigma^2 I), in batches."""
-        for start in range(0, num, batch_size):
-            b = min(batch_size, num - start)
-            batch = x.unsqueeze(0).expand(b, *x.shape)  # (b, *D), a view: no copy until the noise
-            try:
-                batch = batch + self.sigma * torch.randn(
-                    batch.shape, device=x.device, dtype=x.dtype, generator=generator
-                )
-                if batch.dim() == 4:
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
-                    logits = self.base_classifier(batch).float()
-            except RuntimeError as e:
-                raise self._explain(e, batch) from e
-            if logits.shape != (b, self.num_classes):
-                raise ValueError(
-                    f"the base classifier gave logits of shape {tuple(logits.shape)} for {b} inputs, "
-                    f"not ({b}, {self.num_classes}): {self._shape_hint(x)}"
-                )
-            yield logits
-
-    def _explain(self, error, batch):
-        """A classifier's RuntimeError, with what to do: lower the batch when out of memory, check
-        the input's shape when the network rejected it; any other error as it was."""
-        if out_of_memory(error):
-            return MemoryError(
-                f"out of memory on a batch of {len(batch)} noisy samples: lower batch_size"
-            )
-        if any(w in str(error).lower() for w in ("shape", "size", "dimension", "expected")):
-            return ValueError(
-                f"the base classifier failed on a batch of shape {tuple(batch.shape)} "
-                f"({str(error).strip().splitlines()[0][:200]}): {self._shape_hint(batch[0])}"
-            )
-        return error
-
-    def _shape_hint(self, x):
-        return (
-            f"pass one input x without a batch dimension (x has shape {tuple(x.shape)}), and num_classes "
-            "equal to the classifier's number of outputs"
-        )
-
-    @contextlib.contextmanager
-    def _evaluating(self, x, batch_size, alpha, **counts):
-        """Check the arguments, put x on the device and the classifier in eval mode, and restore
-        each module's mode afterwards (certifying inside a training loop must not freeze BatchNorm)."""
-        if not (isinstance(alpha, float) and 0 < alpha < 1):
-            raise ValueError(f"alpha must lie strictly between 0 and 1, not {alpha!r}")
-        for name, v in dict(counts, batch_size=batch_size).items():
-            if not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, not {v!r}")
-        modules = (
-            list(self.base_classifier.modules())
-            if isinstance(self.base_classifier, torch.nn.Module)
-            else []
-        )
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.training = False
-        try:
-            yield x.to(self.device) if self.device is not None else x
-        finally:
-            for m, mode in zip(modules, modes):
-                m.training = mode
-
-    def _warn_nonfinite(self, bad, num):
-        if bad:
-            warnings.warn(
-                f"{int(bad)} of {num} noisy samples gave non-finite logits; they voted for no class"
-            )
 
 
 def out_of_memory(error):
     """Whether a RuntimeError from torch is an allocation failure (CUDA's, or the CPU allocator's)."""
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
-
-
-# ---------------------------------------------------------------- the metrics of Section 5
-def summarize(rows, grid=RADII):
-    """Approximate certified accuracy at each r in grid (correct and radius >= r) and the ACR
-    (mean radius, 0 for a wrong or abstained input), over the rows (dicts of label, predict, radius)."""
-    credit = [(r["predict"] == r["label"], r["radius"]) for r in rows]
-    n = max(len(rows), 1)
-    cert_acc = {g: sum(c and R >= g for c, R in credit) / n for g in grid}
-    return {"n": len(rows), "cert_acc": cert_acc, "acr": sum(c * R for c, R in credit) / n}
 
 
 # ---------------------------------------------------------------- command line
@@ -487,8 +465,8 @@ def run(a):
             choice = [precision]
             dist.broadcast_object_list(choice, src=0)
             precision = choice[0]
-        model, _ = models.fast_path(model.to(device).eval(), device, precision)
-        smooth = Smooth(model, facts.classes, sigma, beta, device=device, bf16=precision == "bf16")
+        model = models.fast_path(model.to(device).eval(), precision)
+        smooth = Smooth(model, facts.classes, sigma, beta, device=device)
         # The record of this run: results.MEANING and results.DRAW.
         settings = dict(
             checkpoint_sha256=cfg["sha256"],

@@ -248,7 +248,10 @@ def load_idx(name, data_dir, train):
 
 def download(name, data_dir, where):
     """torchvision's download, or a ValueError that says where to put the files."""
-    import contextlib, sys, torchvision
+    import contextlib
+    import sys
+
+    import torchvision
 
     cls = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "svhn": "SVHN"}[
         name

@@ -4,11 +4,9 @@ runs the project's code against something trusted (a closed form, a naive loop, 
 differences or exact quadrature) and fails for the kind of bug its docstring names.
 Run: python -m pytest -q test_macer.py test_tools.py"""
 
-import contextlib
 import copy
 import dataclasses
 import math
-import types
 import warnings
 
 import numpy as np
@@ -16,14 +14,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
-from scipy.stats import beta as beta_dist, binom, kstest, norm
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+from scipy.stats import beta as beta_dist
+from scipy.stats import binom, kstest, norm
 
 import certify
 import models
 import train
 from certify import Smooth
-from macer import macer_loss, noisy_copies, robust_hinge
+from macer import macer_loss, noisy_copies
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -199,7 +199,7 @@ def test_hinge_gradient_is_exactly_zero_outside_G_or_beyond_gamma():
 
 def test_two_passes_are_needed_a_single_masked_pass_gives_nan():
     """An input deep in G (1 - z_y about 2e-42 in float32, xi_hat about 27 > gamma): PhiInv' overflows
-    there, so a single pass's zero hinge gradient becomes 0 * inf = NaN; robust_hinge gives 0."""
+    there, so a single pass's zero hinge gradient becomes 0 * inf = NaN; macer_loss's is 0."""
     logits = torch.tensor(
         [[[6.0, 0.0]]], requires_grad=True
     )  # beta * margin = 96: exp(-96) is subnormal
@@ -214,7 +214,18 @@ def test_two_passes_are_needed_a_single_masked_pass_gives_nan():
     single = torch.where(xi < 8.0, 8.0 - xi, torch.zeros_like(xi))
     (grad_single,) = torch.autograd.grad(single.sum(), logits)
     assert torch.isnan(grad_single).any()
-    assert robust_hinge(one_minus_z_y, z_runner_up, torch.tensor([True]), 8.0).item() == 0.0
+    torch.testing.assert_close(grad, F.softmax(logits, 2) - torch.tensor([1.0, 0.0]))  # CE's alone
+
+
+def test_finite_logits_with_finite_gaps_give_a_finite_loss_and_gradient():
+    """Float32 logits up to 1e38 apart (beta * gap would overflow without the top logit taken
+    out first): value and gradient finite, whichever class is the target."""
+    for big in (2.2e37, 5e37):
+        logits = torch.tensor([[[big, 0.0, -big]]], requires_grad=True)
+        for y in range(3):
+            loss = macer_loss(logits, torch.tensor([y]), 0.25, 16.0, 8.0, 16.0)[0]
+            (grad,) = torch.autograd.grad(loss, logits)
+            assert math.isfinite(loss.item()) and torch.isfinite(grad).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -275,8 +286,14 @@ def test_loss_under_bf16_autocast_is_computed_in_float32():
 def test_macer_loss_rejects_bad_arguments_and_takes_an_empty_batch():
     y = torch.zeros(2, dtype=torch.long)
     for bad_logits in (torch.randn(2, 10), torch.randn(2, 0, 10)):  # no k axis; k = 0
-        with pytest.raises(ValueError, match=r"\(n, k, K\)"):
+        with pytest.raises(ValueError, match=r"\(n, k >= 1, K\)"):
             macer_loss(bad_logits, y, 0.25, 1.0, 8.0, 16.0)
+    for bad_y in (y.int(), y.view(2, 1), y.float()):  # int32, (n, 1), float targets: one line
+        with pytest.raises(ValueError, match="targets must be int64 of shape"):
+            macer_loss(torch.randn(2, 3, 10), bad_y, 0.25, 1.0, 8.0, 16.0)
+    for k, sigma in ((0, 0.25), (-1, 0.25), (2, math.nan), (2, 0.0)):
+        with pytest.raises(ValueError, match="noisy_copies needs"):
+            noisy_copies(torch.zeros(2, 1, 2, 2), k, sigma)
     for bad in (
         dict(beta=math.inf),
         dict(beta=0.0),
@@ -385,21 +402,11 @@ def test_one_step_of_train_one_epoch_is_algorithm_1_written_out():
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, K)).double()
     reference = copy.deepcopy(model)
     x, y = torch.rand(n, 1, 6, 6, dtype=torch.float64), torch.randint(0, K, (n,))
-    cfg = types.SimpleNamespace(
-        k=k, sigma=sigma, gamma=gamma, beta=beta, grad_clip=0.0, log_every=10**9
-    )
     sgd = dict(lr=0.5, momentum=0.9, weight_decay=5e-4)
     before = copy.deepcopy(model)
     torch.manual_seed(7)
-    train.train_one_epoch(
-        model,
-        torch.optim.SGD(model.parameters(), **sgd),
-        [(x, y)],
-        cfg,
-        lbd,
-        contextlib.nullcontext(),
-        print,
-    )
+    opt = torch.optim.SGD(model.parameters(), **sgd)
+    (stats,) = train.train_one_epoch(model, opt, [(x, y)], k, sigma, lbd, gamma, beta)
 
     torch.manual_seed(7)
     eta = torch.randn(n, k, 1, 6, 6, dtype=torch.float64)  # line 4: eta_ij ~ N(0, I)
@@ -412,6 +419,7 @@ def test_one_step_of_train_one_epoch_is_algorithm_1_written_out():
         if z_hat[y[i]] >= z_runner_up:  # line 6: i in G
             xi = torch.special.ndtri(z_hat[y[i]]) - torch.special.ndtri(z_runner_up)  # line 8
             loss = loss + lbd * sigma / (2 * n) * torch.clamp(gamma - xi, min=0)
+    assert stats[0] / n + stats[1] / n == pytest.approx(loss.item(), rel=1e-12) and stats[3] == n
     opt = torch.optim.SGD(reference.parameters(), **sgd)
     opt.zero_grad()
     loss.backward()  # line 9
@@ -575,28 +583,31 @@ def proposition1_bounds(K, gamma):
     seed=st.integers(0, 2**31),
 )
 def test_proposition1_bounded_gradient_of_clipped_xi(K, log_w, gamma, seed):
-    """Proposition 1: where xi = PhiInv(p_1) - PhiInv(p_2) < gamma, the gradient of min(xi, gamma)
-    that robust_hinge gives is PhiInv'(p_1) = 1 / phi(PhiInv(p_1)) in p_1 and -PhiInv'(p_2) in p_2,
-    and each is at most the bound that the proof's intervals give (B_1, B_2); where xi > gamma both
-    are exactly 0. Catches a wrong derivative through 1 - p_1 and a hinge active beyond gamma."""
+    """Proposition 1: where xi = PhiInv(p_1) - PhiInv(p_2) < gamma, min(xi, gamma) has the
+    gradient g_1 = PhiInv'(p_1) = 1 / phi(PhiInv(p_1)) in p_1 and g_2 = -PhiInv'(p_2) in p_2,
+    each at most the bound that the proof's intervals give (B_1, B_2); where xi > gamma it is 0.
+    macer_loss's gradient in the logits u = log p (k = 1, beta = 1) equals that chain rule,
+    d hinge / d u_c = -sum_{a = 1, 2} g_a p_a (delta_ac - p_c). Catches a wrong derivative
+    through 1 - p_1 and a hinge active beyond gamma."""
     rng = np.random.default_rng(seed)
     w = np.exp(np.resize(np.array(log_w), K) + rng.uniform(-1, 1, K) * (rng.random() < 0.5))
     p = np.sort(w / w.sum())[::-1]
     xi = norm.ppf(p[0]) - norm.ppf(p[1])
-    assume(
-        abs(xi - gamma) > 1e-9
-    )  # the kink, where float64's xi and torch's may fall on either side
-    p1 = torch.tensor([p[0]], dtype=torch.float64, requires_grad=True)
-    p2 = torch.tensor([p[1]], dtype=torch.float64, requires_grad=True)
-    clipped_xi = gamma - robust_hinge(1 - p1, p2, torch.tensor([True]), gamma)  # min(xi, gamma)
-    g1, g2 = (g.item() for g in torch.autograd.grad(clipped_xi.sum(), [p1, p2]))
+    # At the kink float64's xi and torch's may fall on either side; a tie for the runner-up has
+    # no unique gradient.
+    assume(abs(xi - gamma) > 1e-9 and (K == 2 or p[1] > p[2] * (1 + 1e-9)))
+    logits = torch.tensor(np.log(p), dtype=torch.float64).view(1, 1, K).requires_grad_()
+    hinge = macer_loss(logits, torch.tensor([0]), sigma=1.0, lbd=2.0, gamma=gamma, beta=1.0)[2]
+    (grad,) = torch.autograd.grad(hinge, logits)  # lbd * sigma / 2 = 1: loss_rob is the hinge
     if xi > gamma:
-        assert g1 == 0.0 and g2 == 0.0
-    else:
-        assert g1 == pytest.approx(1 / norm.pdf(norm.ppf(p[0])), rel=1e-7)
-        assert g2 == pytest.approx(-1 / norm.pdf(norm.ppf(p[1])), rel=1e-7)
-        B_1, B_2 = proposition1_bounds(K, gamma)
-        assert g1 <= B_1 * (1 + 1e-9) and -g2 <= B_2 * (1 + 1e-9)
+        assert (grad == 0).all()
+        return
+    g = np.zeros(K)
+    g[0], g[1] = 1 / norm.pdf(norm.ppf(p[0])), -1 / norm.pdf(norm.ppf(p[1]))
+    want = -(g * p)[:, None] * (np.eye(K) - p[None, :])  # (a, c): -g_a p_a (delta_ac - p_c)
+    np.testing.assert_allclose(grad.view(K).numpy(), want.sum(0), rtol=1e-6, atol=1e-12)
+    B_1, B_2 = proposition1_bounds(K, gamma)
+    assert g[0] <= B_1 * (1 + 1e-9) and -g[1] <= B_2 * (1 + 1e-9)
 
 
 @FAST

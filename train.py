@@ -28,42 +28,22 @@ from macer import macer_loss, noisy_copies
 
 
 # ---------------------------------------------------------------- Algorithm 1
-def train_one_epoch(model, opt, batches, cfg, lbd, autocast, log):
-    """Algorithm 1, lines 3-9, once over `batches`. Returns device-side sums (loss_cls * n,
-    loss_rob * n, correct, n); the host waits for the device only every log_every steps."""
-    stats = None
-    for step, (x, y) in enumerate(batches):  # line 3: a minibatch (x_i, y_i), i = 1..n
-        n, k = len(y), cfg.k
-        x_noisy = noisy_copies(
-            x, k, cfg.sigma
-        )  # line 4: k Gaussian copies of each x_i, (n*k, C, H, W)
-        x_noisy = x_noisy.contiguous(
-            memory_format=torch.channels_last
-        )  # as the model (models.fast_path)
-        with autocast:
-            logits = model(x_noisy).view(n, k, -1)  # (n*k, K) -> (n, k, K)
-        loss, loss_cls, loss_rob = macer_loss(
-            logits, y, cfg.sigma, lbd, cfg.gamma, cfg.beta
-        )  # lines 5-8: Eq. 17
+def train_one_epoch(model, opt, batches, k, sigma, lbd, gamma, beta, grad_clip=0.0):
+    """Algorithm 1, lines 3-9, once over `batches`. Yields, after each step, its device-side
+    (loss_cls * n, loss_rob * n, correct, n): the host waits for the device only to read them."""
+    for x, y in batches:  # line 3: a minibatch (x_i, y_i), i = 1..n
+        n = len(y)
+        x_noisy = noisy_copies(x, k, sigma)  # line 4: k Gaussian copies of each x_i, (n*k, C, H, W)
+        logits = model(x_noisy).view(n, k, -1)  # (n*k, K) -> (n, k, K)
+        loss, loss_cls, loss_rob = macer_loss(logits, y, sigma, lbd, gamma, beta)  # lines 5-8
         opt.zero_grad(set_to_none=True)
         loss.backward()  # line 9: one step of a first-order method on Eq. 17
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        with torch.no_grad():  # accuracy of the smoothed (beta = 1) prediction on this batch
-            correct = (logits.float().softmax(-1).mean(1).argmax(-1) == y).sum()
-            s = torch.stack(
-                [
-                    loss_cls.detach() * n,
-                    loss_rob.detach() * n,
-                    correct.float(),
-                    torch.full_like(loss_cls, n),
-                ]
-            )
-            stats = s if stats is None else stats + s
-        if (step + 1) % cfg.log_every == 0:  # the only host sync inside an epoch
-            log_stats(stats, f"  step {step + 1:>6}", log)
-    return stats
+        correct = (logits.detach().softmax(-1).mean(1).argmax(-1) == y).sum()  # the smoothed guess
+        n_ = torch.full_like(loss_cls, n)
+        yield torch.stack([loss_cls.detach() * n, loss_rob.detach() * n, correct.to(n_), n_])
 
 
 def epoch_lambda(cfg, epoch):
@@ -371,22 +351,21 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     model, opt, sched = build(cfg, device, ckpt, rank)
     train_set = load_train_set(cfg, device, world > 1)
     ddp = world > 1
-    steps = cfg.epochs * len(train_set) // (cfg.batch * world)  # upper bound on a DataLoader
-    precision = training_precision(cfg, model, device, ckpt, steps, log)
+    loader = isinstance(train_set, torch.utils.data.DataLoader)  # whose len() counts batches
+    per_epoch = len(train_set) if loader else len(train_set) // (cfg.batch * world)
+    precision = training_precision(cfg, model, device, ckpt, cfg.epochs * per_epoch, log)
     if ddp:  # every process trains in rank 0's precision
         choice = [precision]
         dist.broadcast_object_list(choice, src=0)
         precision = choice[0]
-    model, autocast = models.fast_path(model, device, precision)
-    precisions = epoch_precisions(ckpt)
-    net = (
-        torch.nn.parallel.DistributedDataParallel(
+    model = model.to(memory_format=torch.channels_last)  # the saved model; net trains it
+    net = model
+    if ddp:
+        net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-        if ddp
-        else model
-    )
-    net = torch.compile(net) if cfg.compile else net
+    net = models.fast_path(torch.compile(net) if cfg.compile else net, precision)
+    precisions = epoch_precisions(ckpt)
     log(
         f"{cfg.method} on {cfg.dataset} ({cfg.arch}), sigma {cfg.sigma}, k {cfg.k}, lambda {cfg.lbd}"
         f"{' (dynamic)' if cfg.dynamic_lbd else ''}, gamma {cfg.gamma}, beta {cfg.beta}, {cfg.epochs} epochs, "
@@ -403,7 +382,22 @@ def fit(cfg, flags, resume, overwrite, rank, world):
         batches = data.batches(
             train_set, cfg.batch, epoch, cfg.seed, cfg.augment, device, rank, world
         )
-        stats = train_one_epoch(net, opt, batches, cfg, epoch_lambda(cfg, epoch), autocast, log)
+        steps = train_one_epoch(
+            net,
+            opt,
+            batches,
+            cfg.k,
+            cfg.sigma,
+            epoch_lambda(cfg, epoch),
+            cfg.gamma,
+            cfg.beta,
+            cfg.grad_clip,
+        )
+        stats = None
+        for step, s in enumerate(steps, 1):
+            stats = s if stats is None else stats + s
+            if step % cfg.log_every == 0:  # the only host sync inside an epoch
+                log_stats(stats, f"  step {step:>6}", log)
         if stats is None:  # fewer images than processes
             raise ValueError(
                 f"the training set gives no batch of {cfg.batch} to each of {world} process(es)"
