@@ -3,9 +3,10 @@
 1. Loss overhead: one MACER training step (n = 64 inputs x k = 16 Gaussian copies -> model ->
    macer_loss -> backward -> SGD) over one cross-entropy step on the same 1024 noisy images, same
    model, on the device's default path. LeNet and ResNet-110 (ResNet-20 with --quick on CPU).
-2. Training, bf16 / fp32: train.train_one_epoch over the same 6,400 (--quick: 1,600) Fashion-MNIST-size images
-   (LeNet, MACER, k = 16), under bf16 autocast against fp32, both channels_last: whether bf16 pays
-   here, against what precision auto's probe (models.measure_precision) picks.
+2. Training, bf16 / fp32: train.train_one_epoch over the same 6,400 (--quick: 1,600) images of
+   Fashion-MNIST's size (LeNet, MACER, k = 16), under bf16 autocast against fp32, both
+   channels_last: whether bf16 pays here, beside what precision auto's probe
+   (models.measure_precision) picks.
 3. Certification: (b) noisy samples/s at the default batch against the best of a grid, per
    model; (c) Smooth.certify against a naive Cohen-style loop (fp32, one host copy per batch,
    predictions counted in Python); (d) LeNet noisy samples/s at batch 400 in fp32, channels_last
@@ -20,8 +21,8 @@
 A and B are timed alternately (A, B, A, B, ...) after a warm-up, so drift in the machine's speed
 reaches both alike and cancels in the ratio; each figure is a median.
 
-    python bench.py --quick                       # CPU-sized: minutes on 2 cores (results/README.md)
-    python bench.py --json results/bench.json     # full sizes, on the GPU if there is one
+    python bench.py --quick                    # CPU-sized: minutes on 2 cores (results/README.md)
+    python bench.py --json results/bench.json  # full sizes, on the GPU if there is one
 """
 
 import argparse
@@ -85,11 +86,11 @@ def train_step(model, opt, x, y, loss, noise=None, targets=None):
     per copy, for the cross-entropy step."""
     logits = model(noisy_copies(x, K, SIGMA, noise))  # (n*K, C, H, W) -> (n*K, 10)
     if loss == "macer":
-        l = macer_loss(logits.view(len(x), K, -1), y, SIGMA, LBD, GAMMA, BETA)[0]
+        value = macer_loss(logits.view(len(x), K, -1), y, SIGMA, LBD, GAMMA, BETA)[0]
     else:
-        l = F.cross_entropy(logits, targets)
+        value = F.cross_entropy(logits, targets)
     opt.zero_grad(set_to_none=True)
-    l.backward()
+    value.backward()
     opt.step()
 
 
@@ -187,7 +188,7 @@ def batch_sweep(label, dataset, arch, device, n, grid):
     for b in sorted(set(grid) | {default}):
         smooth.certify(x, 1, b, ALPHA, b)  # warm-up at this shape
         rate[b] = (1 + n) / statistics.median(
-            clock(lambda: smooth.certify(x, 1, n, ALPHA, b), device) for _ in range(3)
+            clock(lambda b=b: smooth.certify(x, 1, n, ALPHA, b), device) for _ in range(3)
         )
     best = max(rate, key=rate.get)
     return row(
@@ -372,7 +373,8 @@ def epoch_time(device, arch, steps, repeats, compile):
 
 @torch.inference_mode()
 def certify_time(device, arch, n, inputs):
-    """The time to certify 500 CIFAR-size inputs with certify.py's defaults, from `inputs` of them."""
+    """The time to certify 500 CIFAR-size inputs with certify.py's defaults, from `inputs` of
+    them."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     batch = models.default_batch(arch, device)
@@ -382,7 +384,7 @@ def certify_time(device, arch, n, inputs):
     xs = torch.rand(inputs, 3, 32, 32, device=device)
     smooth.certify(xs[0], N0, batch * 10, ALPHA, batch)  # warm-up
     seconds = statistics.median(
-        clock(lambda: smooth.certify(x, N0, n, ALPHA, batch), device) for x in xs
+        clock(lambda x=x: smooth.certify(x, N0, n, ALPHA, batch), device) for x in xs
     )
     return row(
         f"5b. {arch} certify 500 @ n={n:,}",
@@ -439,7 +441,8 @@ def processes(n, inputs):
             one[0],
             "/s",
             ">= 1.7x",
-            note=f"{source}, 1 thread each; each of the two: {two[0][0]:,.0f} and {two[1][0]:,.0f} /s",
+            note=f"{source}, 1 thread each; each of the two: "
+            f"{two[0][0]:,.0f} and {two[1][0]:,.0f} /s",
         ),
         row(
             f"6b. {source} one image at n={n:,}: 2 processes / 1",
@@ -479,8 +482,9 @@ def main():
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     repeats = 3 if a.quick else 5
-    # ResNet-110 has about 5x the layers of ResNet-20, whose step (1,024 images, forward and backward)
-    # already takes seconds on 2 CPU cores (row 1 in results/README.md): --quick there uses ResNet-20.
+    # ResNet-110 has about 5x the layers of ResNet-20, whose step (1,024 images, forward and
+    # backward) already takes seconds on 2 CPU cores (row 1 in results/README.md): --quick there
+    # uses ResNet-20.
     small = a.quick and not cuda
     resnet, resnet_repeats = ("resnet20", 5) if small else ("resnet110", repeats)
     info = dict(
@@ -556,8 +560,8 @@ def main():
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
         print(
-            f"{r['name']:<40} {fmt(r['a'], r['unit']):>14} {fmt(r['b'], r['unit']):>14} {ratio:>7}  {r['target']}"
-            + (f"   [{r['note']}]" if r["note"] else "")
+            f"{r['name']:<40} {fmt(r['a'], r['unit']):>14} {fmt(r['b'], r['unit']):>14} {ratio:>7} "
+            f" {r['target']}" + (f"   [{r['note']}]" if r["note"] else "")
         )
     if a.json:
         data.atomic_write(a.json, json.dumps(dict(info, rows=rows), indent=1))

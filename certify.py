@@ -4,7 +4,8 @@ The smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I)
 around x with radius sigma * PhiInv(p_A_low), where p_A_low is a 1 - alpha lower confidence bound
 on the top class's probability (Theorem 1; Eq. 20 for Soft-RS, with z = softmax(beta * u)).
 
-    Smooth(model, num_classes=10, sigma=0.25).certify(x, n0=100, n=100_000, alpha=0.001, batch_size=400)
+    Smooth(model, num_classes=10, sigma=0.25).certify(x, n0=100, n=100_000, alpha=0.001,
+    batch_size=400)
 
 The paper ends at summarize(); the command line (python certify.py --help) follows it.
 """
@@ -105,7 +106,8 @@ class Smooth:
         return (Smooth.ABSTAIN, 0.0) if R is None else (c_A, R)
 
     def _certify_hard(self, x, n0, n, alpha, batch_size, bound, generator):
-        """Cohen et al.'s CERTIFY(f, sigma, x, n0, n, alpha) up to the radius: (c_A, p_A_low, bad)."""
+        """Cohen et al.'s CERTIFY(f, sigma, x, n0, n, alpha) up to the radius: (c_A, p_A_low,
+        bad)."""
         counts0 = self._counts(x, n0, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n0, sigma)
         c_A = int(counts0[:-1].argmax())  # c_A <- top index in counts0
         counts = self._counts(x, n, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n, sigma)
@@ -161,7 +163,8 @@ class Smooth:
 # ---------------------------------------------------------------- the metrics of Section 5
 def summarize(rows, grid=RADII):
     """Approximate certified accuracy at each r in grid (correct and radius >= r) and the ACR
-    (mean radius, 0 for a wrong or abstained input), over the rows (dicts of label, predict, radius)."""
+    (mean radius, 0 for a wrong or abstained input), over the rows (dicts of label, predict,
+    radius)."""
     credit = [(r["predict"] == r["label"], r["radius"]) for r in rows]
     n = max(len(rows), 1)
     cert_acc = {g: sum(c and R >= g for c, R in credit) / n for g in grid}
@@ -271,7 +274,8 @@ def warn_nonfinite(bad, num):
 
 
 def out_of_memory(error):
-    """Whether a RuntimeError from torch is an allocation failure (CUDA's, or the CPU allocator's)."""
+    """Whether a RuntimeError from torch is an allocation failure (CUDA's, or the CPU
+    allocator's)."""
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
@@ -293,7 +297,8 @@ def parse_args(argv):
         nargs="+",
         metavar="TSV",
         help="A.tsv B.tsv: the paired ACR difference B - A; "
-        "several pairs A1 B1 A2 B2 ... (one per training seed): also their mean, over seeds and images",
+        "several pairs A1 B1 A2 B2 ... (one per training seed): also their mean, over seeds and "
+        "images",
     )
     p.add_argument(
         "--dataset",
@@ -308,7 +313,8 @@ def parse_args(argv):
         "--no-normalize",
         action="store_true",
         help="the network takes unnormalised [0, 1] inputs, as the "
-        "MACER authors' checkpoints do (read from the checkpoint; Cohen et al.'s normalise inside the model)",
+        "MACER authors' checkpoints do (read from the checkpoint; Cohen et al.'s normalise inside "
+        "the model)",
     )
     p.add_argument("--data-dir", default="data")
     p.add_argument("--n0", type=int, default=data.CERT["n0"], help="selection samples")
@@ -379,7 +385,8 @@ def check_args(a):
     """Raise ValueError naming the first flag out of range (NaN included), before any work."""
     if a.compare is not None and len(a.compare) % 2:
         raise ValueError(
-            f"--compare takes pairs of results files (A B, or A1 B1 A2 B2 ...), not {len(a.compare)} files"
+            "--compare takes pairs of results files (A B, or A1 B1 A2 B2 ...), not "
+            f"{len(a.compare)} files"
         )
     for name in ("sigma", "beta"):
         v = getattr(a, name)
@@ -396,8 +403,8 @@ def check_args(a):
         raise ValueError("the Bernstein bound needs --n 2 or more")
     if largest_radius(1.0, a.n, a.alpha, a.bound) is None:
         raise ValueError(
-            f"no input can be certified with --n {a.n} and --alpha {a.alpha} ({a.bound}): even if every "
-            "sample agreed, the bound would stay at or below 1/2; raise --n or --alpha"
+            f"no input can be certified with --n {a.n} and --alpha {a.alpha} ({a.bound}): even if "
+            "every sample agreed, the bound would stay at or below 1/2; raise --n or --alpha"
         )
     if not 0 <= a.seed < 2**32:
         raise ValueError(f"--seed must be an integer in [0, 2^32), not {a.seed}")
@@ -487,8 +494,9 @@ def run(a):
         )
         if rank == 0:
             print(
-                f"certifying {len(indices)} {cfg['dataset']} test images: {cfg['arch']}, sigma {sigma}, n0 {a.n0}, "
-                f"n {a.n}, alpha {a.alpha}, {a.bound}, {device} {precision}, {world} process(es) -> {out}",
+                f"certifying {len(indices)} {cfg['dataset']} test images: {cfg['arch']}, sigma "
+                f"{sigma}, n0 {a.n0}, n {a.n}, alpha {a.alpha}, {a.bound}, {device} {precision}, "
+                f"{world} process(es) -> {out}",
                 flush=True,
             )
         summary = results.certify_into(

@@ -109,7 +109,8 @@ DATASETS = {
         ),
     ),
 }
-# Cohen et al.'s certification settings, used by the paper; which test images: DatasetFacts.skip, .max.
+# Cohen et al.'s certification settings, used by the paper; which test images: DatasetFacts.skip,
+# .max.
 CERT = dict(n0=100, n=100_000, alpha=0.001)
 
 
@@ -314,8 +315,8 @@ def load_svhn(data_dir, train):
 
 
 def load_dataset(name, data_dir, train):
-    """The dataset as images in [0, 1]: TensorImages for the small ones, an ImageFolder for ImageNet.
-    A missing or corrupt dataset raises ValueError with one sentence saying what to do."""
+    """The dataset as images in [0, 1]: TensorImages for the small ones, an ImageFolder for
+    ImageNet. A missing or corrupt dataset raises ValueError with one sentence saying what to do."""
     dataset_facts(name)
     if name in IDX:
         return load_idx(name, data_dir, train)
@@ -378,10 +379,11 @@ def crop_flip(x, pad=4):
 
 
 def batches(data, batch, epoch, seed, augment, device, rank=0, world=1):
-    """(x, y) minibatches on `device` for one epoch, this process's shard. A TensorImages sits on the
-    device whole and is shuffled with a generator seeded by (seed, epoch), so a resumed run sees the
-    same order. Every rank takes the same number of steps (the tail that does not split evenly is
-    dropped, as DistributedSampler(drop_last=True) does); otherwise DDP's all-reduce would hang."""
+    """(x, y) minibatches on `device` for one epoch, this process's shard. A TensorImages sits on
+    the device whole and is shuffled with a generator seeded by (seed, epoch), so a resumed run sees
+    the same order. Every rank takes the same number of steps (the tail that does not split evenly
+    is dropped, as DistributedSampler(drop_last=True) does); otherwise DDP's all-reduce would
+    hang."""
     if isinstance(data, TensorImages):
         perm = torch.randperm(
             len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)

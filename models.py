@@ -154,22 +154,25 @@ def get_model(dataset, normalize=True, arch=None):
 
 
 def cpuinfo(field):
-    """The first `field` line of /proc/cpuinfo (Linux), e.g. "flags" or "model name"; "" elsewhere."""
+    """The first `field` line of /proc/cpuinfo (Linux), e.g. "flags" or "model name"; ""
+    elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
             return next(
-                (l.split(":", 1)[1].strip() for l in f if l.split(":")[0].strip() == field), ""
+                (ln.split(":", 1)[1].strip() for ln in f if ln.split(":")[0].strip() == field), ""
             )
     except OSError:
         return ""
 
 
 def device_name(device):
-    """The GPU's name, or the CPU's model and the threads torch uses: every timing names its machine."""
+    """The GPU's name, or the CPU's model and the threads torch uses: every timing names its
+    machine."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpuinfo('model name') or platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    model = cpuinfo("model name") or platform.processor() or "cpu"
+    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 BF16_MARGIN = 1.2  # bf16 only where it measures at least this much faster: noise cannot flip it
@@ -253,10 +256,10 @@ def fast_path(model, precision):
 
 
 def default_batch(arch, device):
-    """Noisy samples per forward pass. On a CPU, 400 (100 for ResNet-50): the best of bench.py's grid
-    for LeNet on a Xeon and on an AMD EPYC; for ResNet-20, 0.95x the best (200) on the Xeon and 0.77x
-    the best (100) on the EPYC (results/README.md). On a GPU, 10,000 (400 for ResNet-50) is a guess
-    until bench.py runs on one."""
+    """Noisy samples per forward pass. On a CPU, 400 (100 for ResNet-50): the best of bench.py's
+    grid for LeNet on a Xeon and on an AMD EPYC; for ResNet-20, 0.95x the best (200) on the Xeon and
+    0.77x the best (100) on the EPYC (results/README.md). On a GPU, 10,000 (400 for ResNet-50) is a
+    guess until bench.py runs on one."""
     if torch.device(device).type == "cuda":
         return 400 if arch == "resnet50" else 10_000
     return 100 if arch == "resnet50" else 400
@@ -274,7 +277,8 @@ def check_device(name):
         torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
     ):
         raise ValueError(
-            f"no CUDA device {name!r} is visible here ({torch.cuda.device_count()} GPUs): use --device cpu"
+            f"no CUDA device {name!r} is visible here ({torch.cuda.device_count()} GPUs): use "
+            "--device cpu"
         )
     return device
 
@@ -288,8 +292,9 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
     """Load this project's checkpoint, the MACER authors' ({'net', 'epoch'}; they feed the network
     unnormalised [0, 1] inputs) or Cohen et al.'s ({'arch', 'state_dict'}; their normalisation is
     layer 0, inside the model, as here). Returns (model, config); arguments fill in what a
-    checkpoint lacks; config["sha256"] is the hash of the very bytes that were loaded. weights_only=True: a checkpoint never runs code. A file that does not fit
-    raises ValueError with one sentence saying what to do."""
+    checkpoint lacks; config["sha256"] is the hash of the very bytes that were loaded.
+    weights_only=True: a checkpoint never runs code. A file that does not fit raises ValueError with
+    one sentence saying what to do."""
     try:
         with open(path, "rb") as f:
             blob = f.read()  # read once: a save that replaces the file now cannot change the hash
@@ -298,11 +303,13 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
         raise ValueError(f"no checkpoint at {path}") from None
     except Exception as e:
         raise ValueError(
-            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); is the file complete?"
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); is the file "
+            "complete?"
         ) from None
     if not isinstance(ckpt, dict):
         raise ValueError(
-            f"{path} holds no state dict; pass a checkpoint saved by train.py, MACER or Cohen et al."
+            f"{path} holds no state dict; pass a checkpoint saved by train.py, MACER or Cohen et "
+            "al."
         )
     cfg = {}
     if "model" in ckpt and "config" in ckpt:  # ours
@@ -336,7 +343,8 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
             cfg[key] = value
     if cfg.get("dataset") is None:
         raise ValueError(
-            f"the checkpoint does not say its dataset; pass --dataset (one of {', '.join(DATASETS)})"
+            "the checkpoint does not say its dataset; pass --dataset (one of "
+            f"{', '.join(DATASETS)})"
         )
     cfg.setdefault("arch", dataset_facts(cfg["dataset"]).arch)
     cfg.setdefault("normalize", True)

@@ -56,7 +56,8 @@ def settings_path(tsv_path):
 
 
 def read_settings(tsv_path, strict=True):
-    """The settings record beside a results file; None if there is none; if unreadable, ValueError (None if not strict)."""
+    """The settings record beside a results file; None if there is none; if unreadable, ValueError
+    (None if not strict)."""
     path = settings_path(tsv_path)
     try:
         with open(path) as f:
@@ -141,8 +142,8 @@ def parse_rows(text, path, check):
         problem = check(row) or (f"it repeats input {row['idx']}" if row["idx"] in seen else None)
         if problem:
             raise ValueError(
-                f"line {number} of {path}: {problem}; the file was changed after certify.py wrote it: "
-                "delete that line to certify its input again"
+                f"line {number} of {path}: {problem}; the file was changed after certify.py wrote "
+                "it: delete that line to certify its input again"
             )
         seen.add(row["idx"])
         rows.append(row)
@@ -167,7 +168,8 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
     Nothing is written to a file that is not a results file."""
     if os.path.isdir(path) or not path.endswith(".tsv"):
         raise ValueError(
-            f"--out must be a file name ending in .tsv (its settings record is named after it), not {path}"
+            "--out must be a file name ending in .tsv (its settings record is named after it), not "
+            f"{path}"
         )
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -226,12 +228,14 @@ def _continue(f, path, settings, indices, check, overwrite, log):
     if why is None and todo and rows and differ(DRAW):
         why = (
             f"its rows were drawn with other noise settings ({', '.join(differ(DRAW))}: "
-            f"{', '.join(f'{k} {saved.get(k)}' for k in differ(DRAW))}), and new rows must be drawn the same way"
+            f"{', '.join(f'{k} {saved.get(k)}' for k in differ(DRAW))}), and new rows must be "
+            "drawn the same way"
         )
     if why is not None:
         if not overwrite:
             raise ValueError(
-                f"{path} cannot be continued: {why}; choose another --out, or pass --overwrite to start it afresh"
+                f"{path} cannot be continued: {why}; choose another --out, or pass --overwrite to "
+                "start it afresh"
             )
         log(f"starting {path} afresh: {why}")
         f.truncate(0)
@@ -254,7 +258,8 @@ def append_line(fd, line):
 
 
 def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
-    """Certify dataset[i] for each i, appending one row per input to the open file fd, with a log line."""
+    """Certify dataset[i] for each i, appending one row per input to the open file fd, with a log
+    line."""
     t_start = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -273,7 +278,8 @@ def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
             )
             dt = time.time() - t0
             R_floor = math.floor(R * 1e5) / 1e5  # rounded down: a written radius never overclaims
-            line = f"{i}\t{int(label)}\t{prediction}\t{R_floor:.5f}\t{int(prediction == int(label))}\t{dt:.3f}\n"
+            fields = (i, int(label), prediction, f"{R_floor:.5f}", int(prediction == int(label)))
+            line = "\t".join(map(str, fields)) + f"\t{dt:.3f}\n"
             try:
                 append_line(fd, line)
             except OSError as e:
@@ -284,8 +290,10 @@ def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
             note = "".join(f"  ({w.message})" for w in caught)
             caught.clear()
             log(
-                f"{who}[{j + 1:>4}/{len(indices)}] idx {i:>5}  label {int(label)}  predict {prediction:>2}  radius {R:.3f}  "
-                f"{'correct' if prediction == int(label) else 'wrong  '}  {dt:.2f}s  ETA {eta / 60:.1f} min{note}",
+                f"{who}[{j + 1:>4}/{len(indices)}] idx {i:>5}  label {int(label)}  predict "
+                f"{prediction:>2}  radius {R:.3f}  "
+                f"{'correct' if prediction == int(label) else 'wrong  '}  {dt:.2f}s  ETA "
+                f"{eta / 60:.1f} min{note}",
                 flush=True,
             )
 
@@ -386,7 +394,7 @@ def add_to_summary(path, run):
     folder = os.path.dirname(path) or "."
     try:
         os.makedirs(folder, exist_ok=True)
-        lock = open(path + ".lock", "a")
+        lock = open(path + ".lock", "a")  # noqa: SIM115 (closed by the `with lock` below)
     except OSError as e:
         raise ValueError(
             f"cannot write the summary {path} ({e.strerror}); choose another --summary"
@@ -422,7 +430,8 @@ def curves(runs, step=0.01):
 
 
 def plot_curves(runs, png_path):
-    """Figure 1: approximate certified accuracy against radius, one curve per run, one panel per sigma."""
+    """Figure 1: approximate certified accuracy against radius, one curve per run, one panel per
+    sigma."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -431,7 +440,7 @@ def plot_curves(runs, png_path):
     drawn = curves(runs)
     sigmas = sorted({r["sigma"] for r in drawn}) or [None]
     fig, axes = plt.subplots(1, len(sigmas), figsize=(4.5 * len(sigmas), 3.5), squeeze=False)
-    for ax, sigma in zip(axes[0], sigmas):
+    for ax, sigma in zip(axes[0], sigmas, strict=True):
         for run in (r for r in drawn if r["sigma"] == sigma):
             ax.plot(run["radii"], run["cert_acc"], label=run["name"])
         ax.set(
@@ -467,7 +476,7 @@ def compare(paths, resamples=10_000, seed=0):
     interval (pairs resampled, then inputs within each), and the spread of A's and B's ACR."""
     rng = np.random.default_rng(seed)
     pairs, diffs = [], []
-    for path_a, path_b in zip(paths[::2], paths[1::2]):
+    for path_a, path_b in zip(paths[::2], paths[1::2], strict=True):
         a, b = ({r["idx"]: r for r in read_tsv(p)} for p in (path_a, path_b))
         common = sorted(set(a) & set(b))
         if not common:
@@ -477,11 +486,13 @@ def compare(paths, resamples=10_000, seed=0):
         for i in common:
             if a[i]["label"] != b[i]["label"]:
                 raise ValueError(
-                    f"{path_a} and {path_b} disagree on the label of input {i}: they were not certified "
-                    "on the same test set"
+                    f"{path_a} and {path_b} disagree on the label of input {i}: they were not "
+                    "certified on the same test set"
                 )
         s_a, s_b = (certify.summarize([rows[i] for i in common]) for rows in (a, b))
-        credit = lambda rows: np.array([rows[i]["radius"] * rows[i]["correct"] for i in common])
+        credit = lambda rows, common=common: np.array(
+            [rows[i]["radius"] * rows[i]["correct"] for i in common]
+        )
         d = credit(b) - credit(a)  # (m,) per-input difference of the ACR's terms
         lo, hi = np.percentile(bootstrap_means(d, resamples, rng), [2.5, 97.5])
         diffs.append(d)
@@ -524,20 +535,24 @@ def format_comparison(c):
     lines = []
     for j, p in enumerate(c["pairs"], start=1):
         lines += [
-            f"{f'pair {j}: ' * several}on the {p['n']} inputs both hold: ACR {p['acr_a']:.3f} (A, {p['a']}), "
-            f"{p['acr_b']:.3f} (B, {p['b']})\nACR difference B - A: {p['diff']:+.3f}, 95% paired-bootstrap interval "
-            f"[{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] (seed {c['seed']})\ncertified accuracy difference B - A at radius r",
+            f"{f'pair {j}: ' * several}on the {p['n']} inputs both hold: ACR {p['acr_a']:.3f} (A, "
+            f"{p['a']}), {p['acr_b']:.3f} (B, {p['b']})\nACR difference B - A: {p['diff']:+.3f}, "
+            f"95% paired-bootstrap interval [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] (seed "
+            f"{c['seed']})\ncertified accuracy difference B - A at radius r",
             "".join(f"{r:>7.2f}" for r in p["cert_acc_diff"]),
             "".join(f"{v:>+7.3f}" for v in p["cert_acc_diff"].values()),
         ]
     if several:
         lines.append(
-            f"over the {len(c['pairs'])} pairs: mean ACR difference B - A {c['diff']:+.3f}, 95% two-level bootstrap "
-            f"interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (pairs resampled, then inputs within each"
+            f"over the {len(c['pairs'])} pairs: mean ACR difference B - A {c['diff']:+.3f}, 95% "
+            "two-level bootstrap "
+            f"interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (pairs resampled, then inputs within "
+            "each"
             + ("; with under 5 pairs the pair level is coarse)" if len(c["pairs"]) < 5 else ")")
         )
         lines += [
-            f"ACR of {side} over the pairs: mean {s['mean']:.3f}, SD {s['sd']:.3f}, range {s['min']:.3f} to {s['max']:.3f}"
+            f"ACR of {side} over the pairs: mean {s['mean']:.3f}, SD {s['sd']:.3f}, range "
+            f"{s['min']:.3f} to {s['max']:.3f}"
             for side, s in (("A", c["acr_a"]), ("B", c["acr_b"]))
         ]
     return "\n".join(lines)

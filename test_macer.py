@@ -113,7 +113,7 @@ def test_macer_loss_equals_naive_per_input_loop(n, k, K, scale, sigma, lbd, gamm
     y[: n // 2] = (beta * logits[: n // 2]).softmax(-1).mean(1).argmax(-1)  # half of them in G
     got = macer_loss(logits, y, sigma, lbd, gamma, beta)
     want = naive_eq17(logits.numpy(), y.numpy(), sigma, lbd, gamma, beta)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert a.item() == pytest.approx(b, rel=1e-9, abs=1e-9)
 
 
@@ -198,8 +198,9 @@ def test_hinge_gradient_is_exactly_zero_outside_G_or_beyond_gamma():
 
 
 def test_two_passes_are_needed_a_single_masked_pass_gives_nan():
-    """An input deep in G (1 - z_y about 2e-42 in float32, xi_hat about 27 > gamma): PhiInv' overflows
-    there, so a single pass's zero hinge gradient becomes 0 * inf = NaN; macer_loss's is 0."""
+    """An input deep in G (1 - z_y about 2e-42 in float32, xi_hat about 27 > gamma): PhiInv'
+    overflows there, so a single pass's zero hinge gradient becomes 0 * inf = NaN; macer_loss's is
+    0."""
     logits = torch.tensor(
         [[[6.0, 0.0]]], requires_grad=True
     )  # beta * margin = 96: exp(-96) is subnormal
@@ -269,7 +270,7 @@ def test_loss_under_bf16_autocast_is_computed_in_float32():
         got = macer_loss(logits, y, 0.25, 12.0, 8.0, 4.0)
     assert got[0].dtype == torch.float32 and got[2] > 0
     want = macer_loss(logits.double(), y, 0.25, 12.0, 8.0, 4.0)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert a.item() == pytest.approx(b.item(), rel=1e-4, abs=1e-6)
     net = models.get_model("fashion-mnist")
     x = torch.rand(16, 1, 28, 28)
@@ -349,6 +350,7 @@ def test_cohen_is_the_special_case_k1_lambda0(n, K, sigma, seed):
     for g_macer, g_ce in zip(
         torch.autograd.grad(loss, list(model.parameters())),
         torch.autograd.grad(ce, list(model.parameters())),
+        strict=True,
     ):
         torch.testing.assert_close(g_macer, g_ce, rtol=1e-11, atol=1e-13)
 
@@ -424,12 +426,13 @@ def test_one_step_of_train_one_epoch_is_algorithm_1_written_out():
     opt.zero_grad()
     loss.backward()  # line 9
     opt.step()
-    for p, q in zip(model.parameters(), reference.parameters()):
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(model[0].weight, before[0].weight)  # the step moved the parameters
 
 
-# ================================================================ Lemma 1, Theorems 1 and 2 (certify.radius)
+# ================================================================ Lemma 1, Theorems 1 and 2
+# (certify.radius)
 def smoothed_1d(x, edges, values, sigma):
     """E f(x + eta), eta ~ N(0, sigma^2), for the piecewise-constant f equal to values[j] (a
     scalar or a vector) on [edges[j-1], edges[j]), edges[-1] = -inf and edges[m] = +inf: a sum of
@@ -530,10 +533,10 @@ def test_theorems_1_and_2_prediction_constant_within_certified_radius(
     c, sigma, x0, soft, two_sided
 ):
     """Theorem 1 (Hard-RS, one-hot f) and Theorem 2 (Soft-RS, z in the simplex): the exactly
-    smoothed prediction stays class A everywhere within the radius that certify.radius computes
-    from the exact probabilities, either as sigma * PhiInv(p_A) or sigma/2 (PhiInv p_A - PhiInv p_B).
-    The radius is shrunk by what float64 rounding of p_A and p_B can add to it (p_A = 1 - 3e-14
-    moves PhiInv by 1e-3), and the margin at the checked points allows the same rounding."""
+    smoothed prediction stays class A everywhere within the radius that certify.radius computes from
+    the exact probabilities, either as sigma * PhiInv(p_A) or sigma/2 (PhiInv p_A - PhiInv p_B). The
+    radius is shrunk by what float64 rounding of p_A and p_B can add to it (p_A = 1 - 3e-14 moves
+    PhiInv by 1e-3), and the margin at the checked points allows the same rounding."""
     K, edges, labels, weights = c
     values = (
         np.array(weights) / np.sum(weights, 1, keepdims=True) if soft else np.eye(K)[labels]
@@ -552,7 +555,8 @@ def test_theorems_1_and_2_prediction_constant_within_certified_radius(
 
 
 def test_two_sided_radius_formula():
-    """Eq. 8 / Eq. 16 with a p_B below 1 - p_A: sigma/2 (PhiInv 0.8 - PhiInv 0.1); abstain if p_A <= p_B."""
+    """Eq. 8 / Eq. 16 with a p_B below 1 - p_A: sigma/2 (PhiInv 0.8 - PhiInv 0.1); abstain if p_A <=
+    p_B."""
     assert certify.radius(0.8, 0.5, 0.1) == pytest.approx(
         0.25 * (0.8416212335729143 + 1.2815515655446004)
     )
@@ -632,8 +636,9 @@ def test_proposition1_bounds_the_hinge_gradient_in_the_logits(
     n, k, K, scale, margin, beta, gamma, dtype, seed
 ):
     """What training relies on: through z_hat = (1/k) sum_j softmax(beta u_j), the gradient of input
-    i's hinge in the logits of its copy j is bounded, |d hinge_i / d u_ij|_1 <= beta/(2k) (B_1 + B_2),
-    since d z^c / d u_j = (beta/k) s_j^c (e_c - s_j) has l1 norm (beta/k) 2 s_j^c (1 - s_j^c) <= beta/(2k)
+    i's hinge in the logits of its copy j is bounded, |d hinge_i / d u_ij|_1 <= beta/(2k) (B_1 +
+    B_2), since d z^c / d u_j = (beta/k) s_j^c (e_c - s_j) has l1 norm (beta/k) 2 s_j^c (1 - s_j^c)
+    <= beta/(2k)
     and Proposition 1 bounds PhiInv' at z_y (by B_1) and at z_runner_up (by B_2). Checked through
     macer_loss, where loss_rob = lambda sigma/(2n) sum_i hinge_i, in float32 and float64, with class
     0 ahead by `margin`. Catches a NaN gradient (PhiInv differentiated outside the hinge region,
@@ -652,7 +657,8 @@ def test_proposition1_bounds_the_hinge_gradient_in_the_logits(
     assert (grad.abs().sum(-1) <= beta / (2 * k) * (B_1 + B_2) * (1 + 1e-5)).all()
 
 
-# ================================================================ the bounds and CERTIFY (certify.py)
+# ================================================================ the bounds and CERTIFY
+# (certify.py)
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 2000), frac=st.floats(0, 1), alpha=st.floats(1e-4, 0.5))
 def test_clopper_pearson_lower_bound_is_the_exact_binomial_tail(n, frac, alpha):
@@ -687,7 +693,8 @@ def test_eq25_sample_variance_and_eq23_eq26_bounds(z):
 
 
 class Linear2(nn.Module):
-    """f(x) = 1[w.x + b > 0] as two logits; with scale s, softmax(beta u) = sigmoid(beta s (w.x + b))."""
+    """f(x) = 1[w.x + b > 0] as two logits; with scale s, softmax(beta u) = sigmoid(beta s (w.x +
+    b))."""
 
     def __init__(self, w, b, scale=1.0):
         super().__init__()
@@ -765,7 +772,11 @@ def test_smooth_noise_is_iid_gaussian_within_and_across_inputs():
     xs = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     for x in xs:
         Smooth(recorder, 2, sigma).predict(x, 64, 0.001, 16)
-    eta = [b - x for x, batches in zip(xs, (recorder.seen[:4], recorder.seen[4:])) for b in batches]
+    eta = [
+        b - x
+        for x, batches in zip(xs, (recorder.seen[:4], recorder.seen[4:]), strict=True)
+        for b in batches
+    ]
     assert len(recorder.seen) == 8
     assert_iid_normal(torch.cat(eta).flatten(1), sigma)  # 8 x (16, C, H, W) -> (128, D)
 
@@ -860,7 +871,8 @@ def test_predict_at_the_decision_boundary_abstains_except_with_probability_alpha
 
 
 class NaNWhere(nn.Module):
-    """Class 1 everywhere, but NaN logits where x[0] > threshold (no parameters: a fixed function)."""
+    """Class 1 everywhere, but NaN logits where x[0] > threshold (no parameters: a fixed
+    function)."""
 
     def __init__(self, threshold):
         super().__init__()
@@ -902,8 +914,8 @@ def test_summary_matches_definitions():
     """Section 5's metrics: approximate certified accuracy at r (correct and radius >= r) and the
     ACR, where a wrong or abstained input counts 0."""
     rows = [
-        dict(label=l, predict=p, radius=R)
-        for l, p, R in zip([0, 1, 2, 3], [0, 1, -1, 0], [0.3, 1.2, 0.0, 0.9])
+        dict(label=y, predict=p, radius=R)
+        for y, p, R in zip([0, 1, 2, 3], [0, 1, -1, 0], [0.3, 1.2, 0.0, 0.9], strict=True)
     ]
     s = certify.summarize(rows)
     assert s["acr"] == pytest.approx((0.3 + 1.2) / 4)

@@ -1,6 +1,7 @@
 """The tools beside the paper: Smooth as a library, results files, comparison, models and
 checkpoints, data readers, train.py and certify.py end to end (one process and torchrun), and the
-mistakes a user can make, each ending in one sentence. Run: python -m pytest -q test_macer.py test_tools.py"""
+mistakes a user can make, each ending in one sentence. Run: python -m pytest -q test_macer.py
+test_tools.py"""
 
 import dataclasses
 import errno
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,7 +99,8 @@ def test_a_classifier_error_keeps_its_message_and_out_of_memory_says_lower_the_b
 
 def test_smooth_restores_each_modules_mode():
     """Certifying inside a training loop must not leave BatchNorm frozen: every module's mode comes
-    back as it was, a submodule that was in eval mode included, after certify, predict and an error."""
+    back as it was, a submodule that was in eval mode included, after certify, predict and an
+    error."""
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).train()
     net[1].eval()
     modes = [m.training for m in net.modules()]
@@ -186,7 +189,7 @@ def test_results_tsv_is_appended_and_resumed(tmp_path):
     s2 = cert(out, [0, 2, 4, 5], log=lines.append)
     rows = results.read_tsv(str(out))
     assert [r["idx"] for r in rows] == [0, 2, 4, 5] and "2 inputs done" in lines[0]
-    assert open(out).readline().strip() == results.HEADER
+    assert Path(out).read_text().split("\n")[0] == results.HEADER
     R = 0.25 * norm.ppf(0.001 ** (1 / 100))
     assert (
         rows[0]["radius"] == pytest.approx(R, rel=1e-3)
@@ -221,7 +224,8 @@ def test_results_made_with_other_settings_are_never_mixed(tmp_path):
 
 
 def test_rows_drawn_otherwise_are_read_but_never_appended_to(tmp_path):
-    """Another seed or batch: a complete file is still read, but new rows are refused (or --overwrite)."""
+    """Another seed or batch: a complete file is still read, but new rows are refused (or
+    --overwrite)."""
     out = tmp_path / "r.tsv"
     cert(out, [0, 1])
     assert cert(out, [0, 1], seed=1)["n"] == 2  # nothing to certify: read as it is
@@ -230,22 +234,21 @@ def test_rows_drawn_otherwise_are_read_but_never_appended_to(tmp_path):
     with pytest.raises(ValueError, match=r"other noise settings \(batch: batch 50\)"):
         cert(out, [0, 1, 2], batch=7)
     assert cert(out, [0, 1, 2], seed=1, overwrite=True)["n"] == 3
-    assert json.load(open(tmp_path / "r_settings.json"))["seed"] == 1
+    assert json.loads(Path(tmp_path / "r_settings.json").read_text())["seed"] == 1
 
 
 def test_a_cut_off_last_row_is_dropped_and_certified_again(tmp_path):
     out = tmp_path / "r.tsv"
     cert(out, [0, 1, 2, 3])
-    text = open(out).read()
-    open(out, "w").write(
+    text = Path(out).read_text()
+    Path(out).write_text(
         text[: text.rindex("\n", 0, -1) + 1] + "3\t1\t1\t0.2"
     )  # the last row, cut short
     lines = []
     s = cert(out, [0, 1, 2, 3, 4], log=lines.append)
-    assert any("cut-off" in l for l in lines) and s["n"] == 5
-    assert [r["idx"] for r in results.read_tsv(str(out))] == [0, 1, 2, 3, 4] and open(
-        out
-    ).read().endswith("\n")
+    assert any("cut-off" in line for line in lines) and s["n"] == 5
+    assert [r["idx"] for r in results.read_tsv(str(out))] == [0, 1, 2, 3, 4]
+    assert Path(out).read_text().endswith("\n")
 
 
 def test_an_empty_results_file_is_started_and_a_corrupt_one_refused(tmp_path):
@@ -280,15 +283,16 @@ def test_a_second_writer_is_refused(tmp_path):
     ],
 )
 def test_every_row_is_checked_against_its_settings_and_the_test_set(tmp_path, field, value, words):
-    """A row edited by hand is refused, naming its line, when resumed, read or compared: never summed."""
+    """A row edited by hand is refused, naming its line, when resumed, read or compared: never
+    summed."""
     out = tmp_path / "r.tsv"
     cert(out, [1, 3, 5])
-    lines = open(out).read().splitlines()
+    lines = Path(out).read_text().splitlines()
     cols = results.HEADER.split("\t")
     row = lines[2].split("\t")
     row[cols.index(field)] = value
     lines[2] = "\t".join(row)
-    open(out, "w").write("\n".join(lines) + "\n")
+    Path(out).write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=f"line 3 of .*{words}"):
         cert(out, [1, 3, 5])
     if field != "idx":  # without the test set, idx 99 is a valid row
@@ -370,7 +374,7 @@ def write_tsv(path, rows, time="0.1"):
         f.write(
             results.HEADER
             + "\n"
-            + "".join(f"{i}\t{l}\t{p}\t{r}\t{int(l == p)}\t{time}\n" for i, l, p, r in rows)
+            + "".join(f"{i}\t{y}\t{p}\t{r}\t{int(y == p)}\t{time}\n" for i, y, p, r in rows)
         )
 
 
@@ -454,7 +458,9 @@ def test_the_summary_keys_runs_by_results_file_and_survives_concurrent_writers(t
         s, dict(name="run", sigma=0.5, tsv=str(tmp_path / "a/run/cp.tsv"))
     )  # replaces
     assert len(runs) == 3 and sorted(r["sigma"] for r in runs) == [0.25, 0.25, 0.5]
-    assert json.load(open(s))["runs"][0]["tsv"] == os.path.join("..", "a", "run", "hoeffding.tsv")
+    assert json.loads(Path(s).read_text())["runs"][0]["tsv"] == os.path.join(
+        "..", "a", "run", "hoeffding.tsv"
+    )
     code = (
         "import results, sys\nfor i in range(60): results.add_to_summary(sys.argv[1], "
         "dict(name='p', sigma=1.0, tsv=f'{sys.argv[2]}{i}.tsv'))"
@@ -463,7 +469,7 @@ def test_the_summary_keys_runs_by_results_file_and_survives_concurrent_writers(t
     assert [p.wait() for p in procs] == [0, 0]
     assert len(results.read_summary(s)) == 123
     for bad in ('[{"name": "x"}]', '{"runs": [{"name": "x", "tsv": "a.tsv"}]}', "{"):
-        open(s, "w").write(bad)
+        Path(s).write_text(bad)
         with pytest.raises(ValueError, match="is not a summary file"):
             results.add_to_summary(s, dict(name="run", sigma=0.25, tsv="x.tsv"))
 
@@ -728,7 +734,8 @@ def test_bad_idx_files_are_named(tmp_path):
         data.load_dataset("fashion-mnist", str(tmp_path), train=False)
 
 
-# ================================================================ train.py and certify.py end to end
+# ================================================================ train.py and certify.py end to
+# end
 @pytest.fixture(scope="module")
 def tiny_fmnist(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
@@ -965,7 +972,8 @@ def test_torchrun_certification_gives_the_rows_of_one_process(tiny_fmnist, lenet
 
 
 def write_setting(dataset, root, val_images=8):
-    """A few images of `dataset` in its real on-disk format; class c is brighter in channel band c."""
+    """A few images of `dataset` in its real on-disk format; class c is brighter in channel band
+    c."""
     rng = np.random.default_rng(0)
     root.mkdir()
 
@@ -1000,7 +1008,7 @@ def write_setting(dataset, root, val_images=8):
 
         for split, N in (("train", 8), ("val", val_images)):
             x, y = images(N, (64, 64, 3))
-            for i, (img, c) in enumerate(zip(x, y)):
+            for i, (img, c) in enumerate(zip(x, y, strict=True)):
                 (root / split / f"n0{c}").mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img).save(root / split / f"n0{c}" / f"{i:03d}.JPEG")
 
@@ -1065,7 +1073,8 @@ def test_the_four_paper_settings_end_to_end(dataset, arch, tmp_path):
 
 
 def test_start_skip_and_max_choose_the_test_images(lenet_ckpt, tiny_fmnist, tmp_path):
-    """The MACER authors' evaluation, images 500-999, is --start 500 --skip 1 --max 500; here 5-7."""
+    """The MACER authors' evaluation, images 500-999, is --start 500 --skip 1 --max 500; here
+    5-7."""
     certify.main(
         [
             lenet_ckpt,
@@ -1086,7 +1095,8 @@ def test_start_skip_and_max_choose_the_test_images(lenet_ckpt, tiny_fmnist, tmp_
     assert [r["idx"] for r in results.read_tsv(str(tmp_path / "s.tsv"))] == [5, 6, 7]
 
 
-# ================================================================ user mistakes: one sentence, no traceback
+# ================================================================ user mistakes: one sentence, no
+# traceback
 @pytest.fixture(scope="module")
 def lenet_ckpt(tiny_fmnist, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
@@ -1171,7 +1181,8 @@ def test_train_guards_the_run(tiny_fmnist, lenet_ckpt, tmp_path, monkeypatch):
     """An existing checkpoint is not overwritten without --overwrite; --resume refuses settings it
     cannot honour and fewer epochs than it has; an unwritable out-dir, a folder where the
     checkpoint goes, and another run holding the folder fail before training; a diverging run
-    stops with a sentence and keeps its last good checkpoint; a full disk at the save is one line."""
+    stops with a sentence and keeps its last good checkpoint; a full disk at the save is one
+    line."""
     folder = os.path.dirname(lenet_ckpt)
     base = [
         "--data-dir",
@@ -1185,7 +1196,7 @@ def test_train_guards_the_run(tiny_fmnist, lenet_ckpt, tmp_path, monkeypatch):
         "--cert-max",
         "0",
     ]
-    config = open(os.path.join(folder, "config.json")).read()
+    config = Path(os.path.join(folder, "config.json")).read_text()
     assert "--overwrite" in one_line_error(train.main, base + ["--epochs", "1"])
     assert "cannot change --sigma" in one_line_error(
         train.main, base + ["--resume", "--sigma", "0.5"]
@@ -1225,7 +1236,7 @@ def test_train_guards_the_run(tiny_fmnist, lenet_ckpt, tmp_path, monkeypatch):
     assert torch.equal(
         torch.load(lenet_ckpt, weights_only=True)["model"]["fc2.weight"], good["fc2.weight"]
     )
-    assert open(os.path.join(folder, "config.json")).read() == config  # no refusal rewrote it
+    assert Path(os.path.join(folder, "config.json")).read_text() == config  # no refusal rewrote it
 
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -1265,9 +1276,9 @@ def test_resume_refuses_fewer_epochs_and_another_architecture(tiny_fmnist, tmp_p
         out,
     ]
     train.main(common + ["--epochs", "2"])
-    config = open(os.path.join(out, "config.json")).read()
+    config = Path(os.path.join(out, "config.json")).read_text()
     assert "trained 2 epochs" in one_line_error(train.main, common + ["--epochs", "1", "--resume"])
-    assert open(os.path.join(out, "config.json")).read() == config
+    assert Path(os.path.join(out, "config.json")).read_text() == config
     sd = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     sd["config"]["arch"] = "resnet20"
     sd["config"]["dataset"] = "cifar10"
@@ -1381,7 +1392,7 @@ def test_the_record_hashes_the_bytes_that_were_loaded(lenet_ckpt, tmp_path, monk
     """The checkpoint is read once: if train.py replaces the file after the load, the record still
     names the model that certified the rows."""
     path = tmp_path / "c.pt"
-    path.write_bytes(open(lenet_ckpt, "rb").read())
+    path.write_bytes(Path(lenet_ckpt).read_bytes())
     real_load = torch.load
 
     def load_then_replace(f, **kw):
@@ -1429,7 +1440,7 @@ def test_certify_rejects_bad_input(lenet_ckpt, tiny_fmnist, tmp_path, monkeypatc
     assert "does not fit" in one_line_error(certify.main, [str(tmp_path / "k5.pt")] + base[1:])
     torch.save(dict(sd, config=[1, 2]), tmp_path / "listcfg.pt")
     assert "not a dict" in one_line_error(certify.main, [str(tmp_path / "listcfg.pt")] + base[1:])
-    (tmp_path / "corrupt.pt").write_bytes(open(lenet_ckpt, "rb").read()[:5000])
+    (tmp_path / "corrupt.pt").write_bytes(Path(lenet_ckpt).read_bytes()[:5000])
     assert "not a readable" in one_line_error(
         certify.main, [str(tmp_path / "corrupt.pt")] + base[1:]
     )

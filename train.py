@@ -1,10 +1,11 @@
 """Train a smoothed classifier with MACER (Algorithm 1) or Cohen et al.'s Gaussian augmentation,
-then certify it with certify.py. The paper's recipes are one flag away; every value can be overridden.
+then certify it with certify.py. The paper's recipes are one flag away; every value can be
+overridden.
 
-    python train.py                                   # quick run: LeNet, Fashion-MNIST, sigma 0.25, CPU
+    python train.py                                   # quick: LeNet, Fashion-MNIST, sigma 0.25
     python train.py --dataset cifar10 --sigma 0.5     # the paper's CIFAR-10 recipe (ResNet-110)
     python train.py --dataset cifar10 --method cohen  # the baseline: k = 1, lambda = 0
-    torchrun --standalone --nproc_per_node 4 -- train.py --dataset imagenet --data-dir /path/to/imagenet
+    torchrun --standalone --nproc_per_node 4 -- train.py --dataset imagenet --data-dir IMAGENET
 """
 
 import argparse
@@ -285,12 +286,14 @@ def parse_config(argv=None):
 
 
 def resumed_config(saved, flags, epochs_done):
-    """The saved config, with the flags --resume can honour; any other flag that changes it is an error."""
+    """The saved config, with the flags --resume can honour; any other flag that changes it is an
+    error."""
     saved = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
     fixed = sorted(k for k, v in flags.items() if k not in RESUMABLE and v != getattr(saved, k))
     if fixed:
         raise ValueError(
-            f"--resume continues the saved run and cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)}"
+            "--resume continues the saved run and cannot change "
+            f"{', '.join('--' + k.replace('_', '-') for k in fixed)}"
             "; drop those flags, or start a new run in another --out-dir"
         )
     if "fp32" in flags or "bf16" in flags:  # a precision given now replaces the saved one
@@ -298,7 +301,8 @@ def resumed_config(saved, flags, epochs_done):
     cfg = dataclasses.replace(saved, **{k: v for k, v in flags.items() if k in RESUMABLE})
     if cfg.epochs < epochs_done:
         raise ValueError(
-            f"the checkpoint has trained {epochs_done} epochs; --epochs must be at least that to --resume it"
+            f"the checkpoint has trained {epochs_done} epochs; --epochs must be at least that to "
+            "--resume it"
         )
     check_config(cfg)
     return cfg
@@ -367,13 +371,14 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     net = models.fast_path(torch.compile(net) if cfg.compile else net, precision)
     precisions = epoch_precisions(ckpt)
     log(
-        f"{cfg.method} on {cfg.dataset} ({cfg.arch}), sigma {cfg.sigma}, k {cfg.k}, lambda {cfg.lbd}"
-        f"{' (dynamic)' if cfg.dynamic_lbd else ''}, gamma {cfg.gamma}, beta {cfg.beta}, {cfg.epochs} epochs, "
-        f"{device} {precision}, {world} process(es) -> {cfg.out_dir}"
+        f"{cfg.method} on {cfg.dataset} ({cfg.arch}), sigma {cfg.sigma}, k {cfg.k}, lambda "
+        f"{cfg.lbd}{' (dynamic)' if cfg.dynamic_lbd else ''}, gamma {cfg.gamma}, beta {cfg.beta}, "
+        f"{cfg.epochs} epochs, {device} {precision}, {world} process(es) -> {cfg.out_dir}"
         + (f"; resumed at epoch {ckpt['epoch']}" if ckpt else "")
     )
     log(
-        f"{'epoch':>5} {'loss_cls':>9} {'loss_rob':>9} {'acc':>6} {'lr':>8} {'img/s':>7} {'time':>8}  precision"
+        f"{'epoch':>5} {'loss_cls':>9} {'loss_rob':>9} {'acc':>6} {'lr':>8} {'img/s':>7} "
+        f"{'time':>8}  precision"
     )
     t_run = time.time() - (ckpt["train_seconds"] if ckpt else 0.0)
     for epoch in range(ckpt["epoch"] if ckpt else 0, cfg.epochs):
@@ -408,7 +413,8 @@ def fit(cfg, flags, resume, overwrite, rank, world):
             dist.all_reduce(stats)
         s = log_stats(stats, f"epoch {epoch + 1}", lambda *a, **k: None)
         log(
-            f"{epoch + 1:>5} {s[0] / s[3]:>9.4f} {s[1] / s[3]:>9.4f} {s[2] / s[3]:>6.3f} {lr:>8.5f} "
+            f"{epoch + 1:>5} {s[0] / s[3]:>9.4f} {s[1] / s[3]:>9.4f} {s[2] / s[3]:>6.3f} "
+            f"{lr:>8.5f} "
             f"{s[3] / (time.time() - t0):>7.0f} {time.time() - t_run:>7.0f}s  {precision}",
             flush=True,
         )
@@ -457,7 +463,8 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank):
     ckpt = None
     if os.path.isdir(ckpt_path):
         raise ValueError(
-            f"{ckpt_path} is a folder, where the checkpoint goes; remove it or choose another --out-dir"
+            f"{ckpt_path} is a folder, where the checkpoint goes; remove it or choose another "
+            "--out-dir"
         )
     if resume:
         if not os.path.exists(ckpt_path):
@@ -467,13 +474,14 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank):
             saved = dict(ckpt["config"])
         except Exception:
             raise ValueError(
-                f"{ckpt_path} is not a readable train.py checkpoint; delete it or pick another --out-dir"
+                f"{ckpt_path} is not a readable train.py checkpoint; delete it or pick another "
+                "--out-dir"
             ) from None
         cfg = resumed_config(saved, {**flags, "out_dir": cfg.out_dir}, ckpt["epoch"])
     elif os.path.exists(ckpt_path) and not overwrite:
         raise ValueError(
-            f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, "
-            "or another --out-dir"
+            f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, or "
+            "another --out-dir"
         )
     if rank == 0:  # fail now, not after the first epoch
         try:
@@ -603,8 +611,8 @@ def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precisions, de
         data.atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
         raise ValueError(
-            f"could not write {path} ({getattr(e, 'strerror', None) or e}); make room, then --resume "
-            "from the last checkpoint"
+            f"could not write {path} ({getattr(e, 'strerror', None) or e}); make room, then "
+            "--resume from the last checkpoint"
         ) from None
     if world > 1:
         dist.barrier()
