@@ -353,14 +353,8 @@ def parse_args(argv):
     p.add_argument(
         "--plot",
         action="store_true",
-        help="also write the radius-accuracy curve as PNG (needs matplotlib)",
+        help="also draw the radius-accuracy curve of --out's rows, as OUT.png (needs matplotlib)",
     )
-    p.add_argument(
-        "--summary",
-        help="add this run to a JSON file of runs, keyed by the results file (and with "
-        "--plot, plot them all)",
-    )
-    p.add_argument("--name", help="the run's name in --summary (default: the checkpoint's folder)")
     p.add_argument("--fp32", action="store_true", help="fp32, even where bf16 measures faster")
     p.add_argument(
         "--bf16",
@@ -491,6 +485,7 @@ def run(a):
             noise=results.NOISE,
             batch=batch,
             noise_device=device.type,
+            machine=models.device_name(device),  # informative: a record of where the file began
         )
         if rank == 0:
             print(
@@ -529,52 +524,16 @@ def certify_precision(a, model, device, out, batch, images, shape):
 
 
 def report(summary, out, a, cfg, settings):
-    """Print the table (and write it beside the TSV), add the run to --summary, draw --plot."""
+    """Print the table of the rows, and the largest radius they could reach; draw --plot."""
     import results
 
-    print(results.save_table(summary, out, f"{cfg['dataset']} s={settings['sigma']}"))
+    print(results.format_table(summary, f"{cfg['dataset']} s={settings['sigma']}"))
     cap = largest_radius(settings["sigma"], a.n, a.alpha, a.bound)
     print(f"largest radius at this n and alpha ({a.bound}, every sample agreeing): {cap:.3f}")
-    runs = [
-        dict(
-            tsv=out,
-            name=f"{cfg['dataset']} s={settings['sigma']} {a.bound}",
-            sigma=settings["sigma"],
-        )
-    ]
-    if (
-        a.summary
-    ):  # the run: what trained it (its checkpoint's config), what certified it, the result
-        trained = {k: cfg.get(k) for k in ("method", "seed", "k", "lbd", "gamma")}
-        runs = results.add_to_summary(
-            a.summary,
-            dict(
-                name=a.name or os.path.basename(os.path.dirname(os.path.abspath(a.checkpoint))),
-                dataset=cfg["dataset"],
-                sigma=settings["sigma"],
-                **trained,
-                beta=settings["beta"],
-                epochs=cfg.get("epochs_done"),
-                bound=a.bound,
-                n0=a.n0,
-                n=a.n,
-                alpha=a.alpha,
-                cert_seed=a.seed,
-                precision=settings["precision"],
-                train_precision=cfg.get("precision"),
-                acr=round(summary["acr"], 4),
-                cert_acc={f"{r:.2f}": round(v, 4) for r, v in summary["cert_acc"].items()},
-                certified=summary["n"],
-                cert_seconds=round(summary["seconds"], 1),
-                train_seconds=cfg.get("train_seconds") and round(cfg["train_seconds"], 1),
-                device=cfg.get("device_name"),
-                checkpoint=a.checkpoint,
-                tsv=out,
-            ),
-        )
     if a.plot:
-        png = os.path.splitext(a.summary or out)[0] + ".png"
-        results.plot_curves(runs, png)
+        png = os.path.splitext(out)[0] + ".png"
+        name = f"{cfg['dataset']} s={settings['sigma']} {a.bound}"
+        results.plot_curves([dict(tsv=out, name=name, sigma=settings["sigma"])], png)
         print(f"wrote {png}")
 
 

@@ -314,7 +314,7 @@ def load_svhn(data_dir, train):
     return checked(x, y, "svhn", path)
 
 
-def load_dataset(name, data_dir, train):
+def load_dataset(name, data_dir, train, augment=True):
     """The dataset as images in [0, 1]: TensorImages for the small ones, an ImageFolder for
     ImageNet. A missing or corrupt dataset raises ValueError with one sentence saying what to do."""
     dataset_facts(name)
@@ -333,9 +333,9 @@ def load_dataset(name, data_dir, train):
             f"no ImageNet folder at {path}; point --data-dir at a folder with train/ and val/ "
             "class subfolders (torchvision's ImageFolder layout)"
         )
-    tf = (
+    tf = (  # the small datasets are cropped and flipped on the device (crop_flip)
         T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()])
-        if train
+        if train and augment
         else T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
     )
     return torchvision.datasets.ImageFolder(path, tf)

@@ -240,11 +240,11 @@ def _continue(f, path, settings, indices, check, overwrite, log):
         log(f"starting {path} afresh: {why}")
         f.truncate(0)
         text, rows, todo = "", [], list(indices)
-    try:
+    try:  # the record is written when the file starts, never rewritten under its rows
+        if todo and (saved is None or differ(MEANING + DRAW)):
+            data.atomic_write(settings_path(path), json.dumps(settings, indent=1))
         if todo and not text:
             append_line(f.fileno(), HEADER + "\n")
-        if todo:
-            data.atomic_write(settings_path(path), json.dumps(settings, indent=1))
     except OSError as e:
         raise ValueError(
             f"could not write {path} or its settings record ({e.strerror}); make room and rerun"
@@ -352,67 +352,6 @@ def format_table(summary, title=""):
     return f"certified accuracy at radius r, over {summary['n']} inputs\n{head}\n{row}"
 
 
-def save_table(summary, tsv_path, title):
-    """format_table's text, also written (atomically) beside the TSV as <name>_table.txt."""
-    table = format_table(summary, title)
-    data.atomic_write(os.path.splitext(tsv_path)[0] + "_table.txt", table + "\n")
-    return table
-
-
-def read_summary(path):
-    """The runs of a summary file, their paths relative to here; ValueError if it is not one."""
-    try:
-        with open(path) as f:
-            runs = json.load(f)["runs"]
-        if not (
-            isinstance(runs, list)
-            and all(isinstance(r, dict) and {"name", "sigma", "tsv"} <= set(r) for r in runs)
-        ):
-            raise ValueError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(
-            f'{path} is not a summary file ({{"runs": [...]}}, each run with name, sigma and tsv); '
-            "choose another --summary"
-        ) from None
-    folder = os.path.dirname(path)
-    return [
-        dict(
-            r,
-            **{
-                k: os.path.normpath(os.path.join(folder, r[k]))
-                for k in ("tsv", "checkpoint")
-                if r.get(k)
-            },
-        )
-        for r in runs
-    ]
-
-
-def add_to_summary(path, run):
-    """Insert or replace one run in the JSON file {"runs": [...]}, keyed by its results file; paths
-    stored relative to the summary's folder. Locked (path + ".lock"), written atomically."""
-    folder = os.path.dirname(path) or "."
-    try:
-        os.makedirs(folder, exist_ok=True)
-        lock = open(path + ".lock", "a")  # noqa: SIM115 (closed by the `with lock` below)
-    except OSError as e:
-        raise ValueError(
-            f"cannot write the summary {path} ({e.strerror}); choose another --summary"
-        ) from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        runs = read_summary(path) if os.path.exists(path) else []
-        runs = [r for r in runs if os.path.realpath(r["tsv"]) != os.path.realpath(run["tsv"])] + [
-            run
-        ]
-        stored = [
-            dict(r, **{k: os.path.relpath(r[k], folder) for k in ("tsv", "checkpoint") if r.get(k)})
-            for r in runs
-        ]
-        data.atomic_write(path, json.dumps({"runs": stored}, indent=1))
-    return runs
-
-
 def curves(runs, step=0.01):
     """Figure 1's data: each run (a dict with tsv, name and sigma) with its certified accuracy at
     radii 0, step, 2 step, ...; a missing TSV is left out with a warning, never drawn flat."""
@@ -469,6 +408,26 @@ def bootstrap_means(d, resamples, rng, block=2**22):
     return out
 
 
+COMPARED = ("sigma", "n0", "n", "alpha", "bound", "precision", "normalize")
+
+
+def differences(path_a, path_b):
+    """What the settings records of two results files say differently, as notes; ValueError where
+    they hold other test sets, whose images cannot be paired."""
+    a, b = read_settings(path_a, strict=False), read_settings(path_b, strict=False)
+    if a is None or b is None:
+        missing = [p for p, s in ((path_a, a), (path_b, b)) if s is None]
+        return [f"no settings record beside {', '.join(missing)}: its settings are unknown"]
+    for key in ("dataset", "test_set_sha256"):
+        if a.get(key) != b.get(key):
+            raise ValueError(f"{path_a} and {path_b} were certified on other test sets ({key})")
+    return [
+        f"A and B differ in {key}: {a.get(key)} against {b.get(key)}"
+        for key in COMPARED
+        if a.get(key) != b.get(key)
+    ]
+
+
 def compare(paths, resamples=10_000, seed=0):
     """Pairs (A, B) of results files, each compared on the inputs both hold: ACR of each, B - A with
     a 95% paired-bootstrap interval (inputs resampled), the certified-accuracy difference at each r.
@@ -489,6 +448,7 @@ def compare(paths, resamples=10_000, seed=0):
                     f"{path_a} and {path_b} disagree on the label of input {i}: they were not "
                     "certified on the same test set"
                 )
+        notes = differences(path_a, path_b)
         s_a, s_b = (certify.summarize([rows[i] for i in common]) for rows in (a, b))
         credit = lambda rows, common=common: np.array(
             [rows[i]["radius"] * rows[i]["correct"] for i in common]
@@ -506,6 +466,7 @@ def compare(paths, resamples=10_000, seed=0):
                 diff=float(d.mean()),
                 ci=(float(lo), float(hi)),
                 cert_acc_diff={r: s_b["cert_acc"][r] - s_a["cert_acc"][r] for r in certify.RADII},
+                notes=notes,
             )
         )
     result = dict(pairs=pairs, seed=seed)
@@ -541,6 +502,7 @@ def format_comparison(c):
             f"{c['seed']})\ncertified accuracy difference B - A at radius r",
             "".join(f"{r:>7.2f}" for r in p["cert_acc_diff"]),
             "".join(f"{v:>+7.3f}" for v in p["cert_acc_diff"].values()),
+            *(f"note: {note}" for note in p["notes"]),
         ]
     if several:
         lines.append(

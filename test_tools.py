@@ -204,6 +204,39 @@ def test_results_tsv_is_appended_and_resumed(tmp_path):
     )  # the TSV keeps 3 decimals
 
 
+def test_the_settings_record_is_written_when_the_file_starts_and_never_after(tmp_path):
+    """A resume appends rows and leaves the record as it was made (here its informative machine
+    field, edited, survives); --overwrite, which starts the file afresh, writes a new one."""
+    out = tmp_path / "r.tsv"
+    cert(out, [0])
+    record = results.read_settings(str(out))
+    Path(results.settings_path(str(out))).write_text(json.dumps(dict(record, machine="elsewhere")))
+    cert(out, [0, 2])
+    assert results.read_settings(str(out))["machine"] == "elsewhere"
+    cert(out, [0, 4], overwrite=True, seed=5)  # another draw for new rows: afresh
+    fresh = results.read_settings(str(out))
+    assert fresh["seed"] == 5 and "machine" not in fresh
+
+
+def test_compare_names_the_settings_that_differ_and_refuses_other_test_sets(tmp_path):
+    """Rows made at n = 200 and n = 2000 (or at other sigmas or bounds) are compared with a note
+    saying so; rows of other test sets are refused."""
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    for path, n in ((a, 200), (b, 2000)):
+        write_tsv(path, [(0, 1, 1, 0.1), (1, 2, 2, 0.1)])
+        record = dict(toy_settings(n=n), dataset="toy", test_set_sha256="x")
+        Path(results.settings_path(str(path))).write_text(json.dumps(record))
+    (pair,) = results.compare([str(a), str(b)])["pairs"]
+    assert pair["notes"] == ["A and B differ in n: 200 against 2000"]
+    assert "note: A and B differ in n" in results.format_comparison(
+        results.compare([str(a), str(b)])
+    )
+    record["test_set_sha256"] = "y"
+    Path(results.settings_path(str(b))).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="other test sets"):
+        results.compare([str(a), str(b)])
+
+
 def test_results_made_with_other_settings_are_never_mixed(tmp_path):
     out = tmp_path / "r.tsv"
     cert(out, [0, 1])
@@ -446,32 +479,6 @@ def test_the_bootstrap_draws_in_blocks_and_gives_the_same_means():
     t0 = time.time()
     big = results.bootstrap_means(np.ones(50_000), 200, np.random.default_rng(0))
     assert (big == 1).all() and time.time() - t0 < 60
-
-
-def test_the_summary_keys_runs_by_results_file_and_survives_concurrent_writers(tmp_path):
-    """Two runs of one checkpoint (Hard-RS and Hoeffding), and two checkpoints in folders of the
-    same name, are four runs; two processes adding 60 runs each keep all 120."""
-    s = str(tmp_path / "sub" / "summary.json")  # a folder that does not exist yet
-    for tsv in ("a/run/cp.tsv", "a/run/hoeffding.tsv", "b/run/cp.tsv"):
-        results.add_to_summary(s, dict(name="run", sigma=0.25, tsv=str(tmp_path / tsv)))
-    runs = results.add_to_summary(
-        s, dict(name="run", sigma=0.5, tsv=str(tmp_path / "a/run/cp.tsv"))
-    )  # replaces
-    assert len(runs) == 3 and sorted(r["sigma"] for r in runs) == [0.25, 0.25, 0.5]
-    assert json.loads(Path(s).read_text())["runs"][0]["tsv"] == os.path.join(
-        "..", "a", "run", "hoeffding.tsv"
-    )
-    code = (
-        "import results, sys\nfor i in range(60): results.add_to_summary(sys.argv[1], "
-        "dict(name='p', sigma=1.0, tsv=f'{sys.argv[2]}{i}.tsv'))"
-    )
-    procs = [subprocess.Popen([sys.executable, "-c", code, s, tag], cwd=HERE) for tag in ("x", "y")]
-    assert [p.wait() for p in procs] == [0, 0]
-    assert len(results.read_summary(s)) == 123
-    for bad in ('[{"name": "x"}]', '{"runs": [{"name": "x", "tsv": "a.tsv"}]}', "{"):
-        Path(s).write_text(bad)
-        with pytest.raises(ValueError, match="is not a summary file"):
-            results.add_to_summary(s, dict(name="run", sigma=0.25, tsv="x.tsv"))
 
 
 def test_a_missing_tsv_is_left_out_of_the_plot_with_a_warning(tmp_path, capsys):
@@ -759,7 +766,7 @@ def run(*args, env=None, ok=True):
 
 def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
     """Train, certify at the end, resume with more epochs (certify.tsv is redone for the new
-    checkpoint), then certify.py with Soft-RS into a summary."""
+    checkpoint), then certify.py with Soft-RS."""
     out = tmp_path / "run"
     common = (
         "train.py",
@@ -799,8 +806,6 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
         str(tmp_path / "c.tsv"),
         "--bound",
         "bernstein",
-        "--summary",
-        str(tmp_path / "s.json"),
     )
     rows = results.read_tsv(str(tmp_path / "c.tsv"))
     assert [r["idx"] for r in rows] == [0, 20, 40, 60, 80] and "ACR" in log and "ETA" in log
@@ -808,29 +813,9 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
         sum(r["correct"] for r in rows) >= 2
     )  # chance is 0.5 of 5: the smoothed classifier learnt the bars
     assert "fp32, 1 process(es) ->" in log
-    (entry,) = results.read_summary(str(tmp_path / "s.json"))
-    assert entry == {
-        **entry,
-        **dict(
-            name="run",
-            dataset="fashion-mnist",
-            sigma=0.25,
-            method="macer",
-            seed=0,
-            epochs=2,
-            n0=100,
-            n=300,
-            alpha=0.001,
-            bound="bernstein",
-            precision="fp32",
-            tsv=str(tmp_path / "c.tsv"),
-            checkpoint=str(out / "checkpoint.pt"),
-            certified=5,
-            acr=round(certify.summarize(rows)["acr"], 4),
-        ),
-    }
-    assert entry["cert_seconds"] == pytest.approx(sum(r["time"] for r in rows), abs=0.06)
-    assert models.cpuinfo("model name") in entry["device"]
+    record = results.read_settings(str(tmp_path / "c.tsv"))
+    assert record == {**record, **dict(dataset="fashion-mnist", sigma=0.25, n0=100, n=300)}
+    assert record["bound"] == "bernstein" and record["precision"] == "fp32"
 
 
 @pytest.mark.skipif(
@@ -1151,6 +1136,10 @@ def one_line_error(fn, argv):
         (["--arch", "resnet110"], "does not fit"),
         (["--seed", str(2**70)], "--seed"),
         (["--fp32", "--bf16"], "contradict"),
+        (["--method", "cohen", "--lbd", "16"], "--method cohen is k = 1 and lambda = 0"),
+        (["--method", "cohen", "--k", "4"], "--method cohen is k = 1 and lambda = 0"),
+        (["--milestones", "3", "1"], "--milestones must be increasing"),
+        (["--dynamic-lbd", "1", "--milestones"], "--dynamic-lbd 1 waits"),
         (["--resume", "--overwrite"], "give one of them"),
         (["--device", "foo"], "unknown device"),
         (
@@ -1161,6 +1150,28 @@ def one_line_error(fn, argv):
 )
 def test_train_rejects_bad_flags(flags, words):
     assert words in one_line_error(train.main, flags)
+
+
+def test_a_resume_keeps_certify_tsv_and_refuses_another_world_size(tiny_fmnist, tmp_path):
+    """--resume with other --cert-* flags keeps the rows of the unchanged checkpoint and says what
+    to do; a checkpoint of 2 processes is not resumed by 1 (the batches, shards and noise would
+    differ from an uninterrupted run)."""
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_fmnist, "--out-dir", str(out), "--k", "1", "--epochs", "1"]
+    common += ["--train-subset", "64", "--cert-n", "100", "--cert-skip", "10", "--cert-max", "2"]
+    train.main(common)
+    rows = (out / "certify.tsv").read_text()
+    msg = one_line_error(train.main, common + ["--resume", "--cert-n", "200"])
+    assert "other --cert-* settings" in msg and (out / "certify.tsv").read_text() == rows
+    train.main(common + ["--resume"])  # the same settings: nothing to add, nothing lost
+    assert (out / "certify.tsv").read_text() == rows
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save(dict(ckpt, rng=ckpt["rng"] * 2), out / "checkpoint.pt")
+    assert "trained by 2 process(es)" in one_line_error(train.main, common + ["--resume"])
+    torch.save(dict(ckpt, rng=[]), out / "checkpoint.pt")
+    assert "not a readable train.py checkpoint" in one_line_error(train.main, common + ["--resume"])
+    torch.save(dict(ckpt, config=dict(ckpt["config"], sigma="0.25")), out / "checkpoint.pt")
+    assert "did not write" in one_line_error(train.main, common + ["--resume"])
 
 
 def test_train_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
@@ -1456,10 +1467,6 @@ def test_certify_rejects_bad_input(lenet_ckpt, tiny_fmnist, tmp_path, monkeypatc
     )
     certify.main(
         base[:3] + ["--out", str(tmp_path / "new" / "deep" / "x.tsv"), "--n", "50", "--max", "1"]
-    )
-    (tmp_path / "list.json").write_text("[1, 2]")
-    assert "not a summary file" in one_line_error(
-        certify.main, base + ["--n", "50", "--max", "1", "--summary", str(tmp_path / "list.json")]
     )
     write_tsv(tmp_path / "a.tsv", [(0, 1, 1, 0.5)])
     write_tsv(tmp_path / "b.tsv", [(1, 1, 1, 0.5)])

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import datetime
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import torch.distributed as dist
 import certify
 import data
 import models
+import results
 from macer import macer_loss, noisy_copies
 
 
@@ -257,6 +259,8 @@ def check_config(cfg):
         bad.append(
             "--dynamic-lbd 1 waits for the first lr decay: give --milestones, or --dynamic-lbd 0"
         )
+    if cfg.method == "cohen" and (cfg.k != 1 or cfg.lbd != 0 or cfg.dynamic_lbd):
+        bad.append("--method cohen is k = 1 and lambda = 0: for other values use --method macer")
     if cfg.fp32 and cfg.bf16:
         bad.append("--fp32 and --bf16 contradict each other; give at most one")
     if bad:
@@ -349,7 +353,7 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     """Set up (settings, data, model), train the remaining epochs, certify."""
     log = print if rank == 0 else (lambda *a, **k: None)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-    cfg, ckpt = open_run(cfg, flags, resume, overwrite, ckpt_path, rank)
+    cfg, ckpt = open_run(cfg, flags, resume, overwrite, ckpt_path, rank, world)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     model, opt, sched = build(cfg, device, ckpt, rank)
@@ -457,7 +461,7 @@ def lock_run_folder(out_dir):
     return fd
 
 
-def open_run(cfg, flags, resume, overwrite, ckpt_path, rank):
+def open_run(cfg, flags, resume, overwrite, ckpt_path, rank, world):
     """(cfg, checkpoint or None): the saved run's settings and state on --resume, else a new run,
     refused where it would replace a checkpoint without --overwrite. Rank 0 writes config.json."""
     ckpt = None
@@ -471,13 +475,22 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank):
             raise ValueError(f"--resume found no checkpoint at {ckpt_path}; check --out-dir")
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            saved = dict(ckpt["config"])
+            saved, epoch, trained_by = dict(ckpt["config"]), int(ckpt["epoch"]), len(ckpt["rng"])
+            assert trained_by >= 1 and all(len(r) == 2 for r in ckpt["rng"])
         except Exception:
             raise ValueError(
                 f"{ckpt_path} is not a readable train.py checkpoint; delete it or pick another "
                 "--out-dir"
             ) from None
-        cfg = resumed_config(saved, {**flags, "out_dir": cfg.out_dir}, ckpt["epoch"])
+        try:
+            cfg = resumed_config(saved, {**flags, "out_dir": cfg.out_dir}, epoch)
+        except TypeError:  # a field of another type than the Config's, edited by hand
+            raise ValueError(f"{ckpt_path} has a config that train.py did not write") from None
+        if trained_by != world:  # one RNG state per process
+            raise ValueError(
+                f"the checkpoint was trained by {trained_by} process(es), and a resume is exact "
+                f"only with as many: resume with torchrun --nproc_per_node {trained_by}, or anew"
+            )
     elif os.path.exists(ckpt_path) and not overwrite:
         raise ValueError(
             f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, or "
@@ -497,11 +510,13 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank):
 
 
 def load_train_set(cfg, device, ddp):
-    """A small dataset whole on the device; ImageNet through a DataLoader (sharded under DDP)."""
-    train_set = data.load_dataset(cfg.dataset, cfg.data_dir, train=True)
+    """A small dataset whole on the device; ImageNet through a DataLoader (sharded under DDP). Both
+    take the first --train-subset images, if given."""
+    train_set = data.load_dataset(cfg.dataset, cfg.data_dir, train=True, augment=cfg.augment)
+    N = cfg.train_subset or len(train_set)
     if isinstance(train_set, data.TensorImages):
-        N = cfg.train_subset or len(train_set)
         return data.TensorImages(train_set.x[:N].to(device), train_set.y[:N].to(device))
+    train_set = torch.utils.data.Subset(train_set, range(min(N, len(train_set))))
     sampler = (
         torch.utils.data.DistributedSampler(train_set, seed=cfg.seed, drop_last=True)
         if ddp
@@ -620,39 +635,42 @@ def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precisions, de
 
 def certify_checkpoint(cfg, ckpt_path, rank, world):
     """Cohen et al.'s protocol (Hard-RS, Clopper-Pearson) on the checkpoint, by certify.py's own
-    command line, in every process of a torchrun launch. certify.tsv starts afresh when the
-    checkpoint has changed."""
-    argv = [
-        ckpt_path,
-        "--data-dir",
-        cfg.data_dir,
-        "--device",
-        cfg.device,
-        "--n0",
-        str(cfg.cert_n0),
-        "--n",
-        str(cfg.cert_n),
-        "--alpha",
-        str(cfg.cert_alpha),
-        "--skip",
-        str(cfg.cert_skip),
-        "--max",
-        str(cfg.cert_max),
-        "--out",
-        os.path.join(cfg.out_dir, "certify.tsv"),
-        "--seed",
-        str(cfg.seed),
-        "--overwrite",
-    ]
-    argv += (
-        ["--batch", str(cfg.cert_batch)] * (cfg.cert_batch > 0)
-        + ["--fp32"] * cfg.fp32
-        + ["--bf16"] * cfg.bf16
+    command line, in every process of a torchrun launch. certify.tsv starts afresh only when its
+    rows are of another checkpoint; rows of this one under other settings are kept, and
+    certify.py says what to do."""
+    out = os.path.join(cfg.out_dir, "certify.tsv")
+    record = results.read_settings(out, strict=False)
+    with open(ckpt_path, "rb") as f:
+        checkpoint_changed = record is not None and record.get("checkpoint_sha256") != (
+            hashlib.sha256(f.read()).hexdigest()
+        )
+    flags = dict(
+        data_dir=cfg.data_dir,
+        device=cfg.device,
+        n0=cfg.cert_n0,
+        n=cfg.cert_n,
+        alpha=cfg.cert_alpha,
+        skip=cfg.cert_skip,
+        max=cfg.cert_max,
+        out=out,
+        seed=cfg.seed,
     )
+    if cfg.cert_batch > 0:
+        flags["batch"] = cfg.cert_batch
+    argv = [ckpt_path] + [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    argv += ["--overwrite"] * checkpoint_changed + ["--fp32"] * cfg.fp32 + ["--bf16"] * cfg.bf16
     if rank == 0:
         launcher = f"torchrun --nproc_per_node {world} --" if world > 1 else "python"
         print(f"+ {launcher} certify.py " + " ".join(argv), flush=True)
-    certify.main(argv)
+    try:
+        certify.main(argv)
+    except SystemExit as e:
+        if "cannot be continued" not in str(e.code):
+            raise
+        raise ValueError(
+            f"{out} holds rows of this checkpoint made with other --cert-* settings, kept as they "
+            f"are; the checkpoint is saved: certify it with certify.py into another --out"
+        ) from None
 
 
 if __name__ == "__main__":

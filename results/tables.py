@@ -1,0 +1,400 @@
+"""Every table of README.md and results/README.md that comes from experiments, made from the
+committed files: the results TSVs with their settings records, the checkpoints' records, and the
+bench JSON files. Each table sits between `<!-- table:NAME -->` and `<!-- /table -->`.
+
+    python results/tables.py           # rewrite the tables in both READMEs (and the figures)
+    python results/tables.py --check   # exit 1 if a README's table differs from what the files give
+"""
+
+import argparse
+import difflib
+import glob
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import certify  # noqa: E402
+import data  # noqa: E402
+import results  # noqa: E402
+
+E10 = os.path.join(HERE, "e10")
+READMES = [os.path.join(ROOT, "README.md"), os.path.join(HERE, "README.md")]
+SIGMAS = (0.25, 0.5, 1.0)
+# The paper's Table 6 (MNIST, 440 epochs, n = 100,000): Cohen et al. and MACER.
+PAPER_MNIST = {0.25: (0.887, 0.918), 0.5: (1.453, 1.583), 1.0: (1.417, 1.520)}
+GRID = certify.RADII
+
+
+# ---------------------------------------------------------------- the runs and their files
+def runs():
+    """Each run folder of e10/: its name, training record (config.json and the checkpoint's), and
+    its results files by bound."""
+    out = []
+    for folder in sorted(glob.glob(os.path.join(E10, "*", "config.json"))):
+        folder = os.path.dirname(folder)
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+        ckpt = torch.load(
+            os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True
+        )
+        record = ckpt["config"]
+        tsvs = {
+            b: p
+            for b in certify.BOUNDS
+            if os.path.exists(p := os.path.join(folder, f"checkpoint_{b}_n100000.tsv"))
+        }
+        out.append(
+            dict(
+                name=os.path.basename(folder),
+                method=cfg["method"],
+                sigma=cfg["sigma"],
+                seed=cfg["seed"],
+                k=cfg["k"],
+                epochs=ckpt["epoch"],
+                precision=record.get("precision") or "not recorded",
+                machine=machine(record.get("device_name")),
+                tsv=tsvs,
+            )
+        )
+    return out
+
+
+def machine(name):
+    """The CPU or GPU a record names; "not recorded" where it names only "cpu"."""
+    return "not recorded" if not name or name.startswith("cpu (") else name.split(" (")[0]
+
+
+def find(all_runs, method, sigma, seed=0, k=None):
+    k = k if k is not None else (1 if method == "cohen" else 16)
+    hits = [
+        r
+        for r in all_runs
+        if (r["method"], r["sigma"], r["seed"], r["k"]) == (method, sigma, seed, k)
+    ]
+    return hits[0] if hits else None
+
+
+def fmt_ci(diff, ci):
+    return f"{diff:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def excludes_zero(ci):
+    return "yes" if ci[0] > 0 or ci[1] < 0 else "no"
+
+
+def table(head, rows):
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+# ---------------------------------------------------------------- the tables
+def e10_acr(all_runs):
+    """Certified accuracy at each r and ACR, per run and bound."""
+    rows = []
+    order = {"clopper-pearson": 0, "bernstein": 1, "hoeffding": 2}
+    for r in sorted(all_runs, key=lambda r: (r["sigma"], r["k"] != 16 and r["method"] == "macer")):
+        for bound, path in sorted(r["tsv"].items(), key=lambda kv: order[kv[0]]):
+            s = certify.summarize(results.read_tsv(path))
+            what = r["method"].replace("cohen", "Cohen").replace("macer", "MACER")
+            what += f", k = {r['k']}" if r["method"] == "macer" and r["k"] != 16 else ""
+            what += "" if bound == "clopper-pearson" else f", Soft-RS {bound.capitalize()}"
+            acc = [f"{s['cert_acc'][g]:.3f}" for g in GRID]
+            trained = f"{r['precision']}, {r['machine']}"
+            rows.append([r["sigma"], what, r["seed"], trained, s["n"], *acc, f"**{s['acr']:.3f}**"])
+    head = ["sigma", "method", "seed", "trained in, on", "images", *[f"{g:.2f}" for g in GRID]]
+    return table(head + ["ACR"], rows)
+
+
+def e10_pairs(all_runs):
+    """Per sigma: Cohen against MACER (k = 16) on the images both hold, every seed that has both."""
+    out = {}
+    for sigma in SIGMAS:
+        pairs = []
+        for seed in range(10):
+            a, b = find(all_runs, "cohen", sigma, seed), find(all_runs, "macer", sigma, seed)
+            if a and b and "clopper-pearson" in a["tsv"] and "clopper-pearson" in b["tsv"]:
+                pairs += [a["tsv"]["clopper-pearson"], b["tsv"]["clopper-pearson"]]
+        if pairs:
+            out[sigma] = results.compare(pairs)
+    return out
+
+
+def e10_compare(compared, short=False):
+    rows = []
+    for sigma, c in compared.items():
+        seeds = len(c["pairs"])
+        images = ", ".join(str(p["n"]) for p in c["pairs"])
+        if seeds > 1:
+            diff, ci = c["diff"], c["ci"]
+            acr_a, acr_b = c["acr_a"]["mean"], c["acr_b"]["mean"]
+        else:
+            (p,) = c["pairs"]
+            diff, ci, acr_a, acr_b = p["diff"], p["ci"], p["acr_a"], p["acr_b"]
+        paper = "{:.3f} / {:.3f}".format(*PAPER_MNIST[sigma])
+        if short:
+            rows.append(
+                [sigma, seeds, images, f"{acr_a:.3f}", f"{acr_b:.3f}", fmt_ci(diff, ci), paper]
+            )
+        else:
+            each_a = ", ".join(f"{p['acr_a']:.3f}" for p in c["pairs"])
+            each_b = ", ".join(f"{p['acr_b']:.3f}" for p in c["pairs"])
+            how = "two-level bootstrap" if seeds > 1 else "paired bootstrap"
+            rows.append(
+                [
+                    sigma,
+                    seeds,
+                    images,
+                    f"{acr_a:.3f} ({each_a})" if seeds > 1 else f"{acr_a:.3f}",
+                    f"{acr_b:.3f} ({each_b})" if seeds > 1 else f"{acr_b:.3f}",
+                    f"{fmt_ci(diff, ci)}, {how}",
+                    excludes_zero(ci),
+                    paper,
+                ]
+            )
+    if short:
+        head = ["sigma", "training seeds", "images per seed", "Cohen", "MACER", "MACER - Cohen"]
+        return table(head + ["paper's MNIST: Cohen / MACER"], rows)
+    head = ["sigma", "seeds", "images per seed", "Cohen ACR (per seed)", "MACER ACR (per seed)"]
+    head += ["MACER - Cohen, 95% interval", "excludes 0?", "paper's MNIST: Cohen / MACER"]
+    return table(head, rows)
+
+
+def e10_seeds(compared):
+    rows = []
+    for sigma, c in compared.items():
+        if len(c["pairs"]) < 2:
+            continue
+        for seed, p in enumerate(c["pairs"]):
+            rows.append([sigma, seed, p["n"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}"])
+            rows[-1] += [fmt_ci(p["diff"], p["ci"]), excludes_zero(p["ci"])]
+        mean = lambda key: sum(p[key] for p in c["pairs"]) / len(c["pairs"])  # noqa: B023
+        diffs = [p["diff"] for p in c["pairs"]]
+        rows.append(
+            [sigma, "mean of the seeds", "", f"{mean('acr_a'):.3f}", f"{mean('acr_b'):.3f}"]
+        )
+        rows[-1] += [f"{np.mean(diffs):+.4f} (the mean of the per-seed differences)", ""]
+    head = ["sigma", "training seed", "images", "Cohen ACR", "MACER ACR", "MACER - Cohen"]
+    return table(head + ["excludes 0?"], rows)
+
+
+def softrs(all_runs):
+    rows = []
+    for r in all_runs:
+        hard = r["tsv"].get("clopper-pearson")
+        for bound in ("bernstein", "hoeffding"):
+            if hard and bound in r["tsv"]:
+                (p,) = results.compare([hard, r["tsv"][bound]])["pairs"]
+                soft_rows = results.read_tsv(r["tsv"][bound])
+                smaller = sum(
+                    s["radius"] < h["radius"]
+                    for s, h in zip_rows(soft_rows, results.read_tsv(hard))
+                )
+                largest = max(s["radius"] for s in soft_rows)
+                rows.append([r["name"], bound, p["n"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}"])
+                rows[-1] += [fmt_ci(p["diff"], p["ci"]), f"{smaller} of {p['n']}", f"{largest:.2f}"]
+    head = ["run", "Soft-RS bound", "images", "Hard-RS ACR", "Soft-RS ACR", "Soft - Hard, 95%"]
+    return table(head + ["images with a smaller radius", "largest Soft-RS radius"], rows)
+
+
+def zip_rows(a_rows, b_rows):
+    b = {r["idx"]: r for r in b_rows}
+    return [(r, b[r["idx"]]) for r in a_rows if r["idx"] in b]
+
+
+def at_cap(all_runs):
+    """Where the radii stand: the share of images certified at the largest radius that n and alpha
+    allow, the share wrong or abstained (radius 0), and the quartiles of the certified p_A lower
+    bound, Phi(R / sigma) on the correct, certified rows."""
+    rows = []
+    for r in sorted(all_runs, key=lambda r: (r["sigma"], r["method"], r["k"], r["seed"])):
+        path = r["tsv"].get("clopper-pearson")
+        if not path:
+            continue
+        settings = results.read_settings(path)
+        cap = certify.largest_radius(
+            r["sigma"], settings["n"], settings["alpha"], settings["bound"]
+        )
+        got = results.read_tsv(path)
+        at = sum(x["correct"] and x["radius"] >= cap - 1e-5 for x in got)
+        zero = sum(not x["correct"] or x["predict"] == -1 for x in got)
+        p_low = [
+            norm.cdf(x["radius"] / r["sigma"]) for x in got if x["correct"] and x["radius"] > 0
+        ]
+        q = np.percentile(p_low, [25, 50, 75]) if p_low else [np.nan] * 3
+        what = f"{r['method']}, k = {r['k']}" if r["method"] == "macer" else r["method"]
+        rows.append([r["sigma"], what, r["seed"], len(got), f"{cap:.3f}", f"{at / len(got):.3f}"])
+        rows[-1] += [f"{zero / len(got):.3f}", " / ".join(f"{v:.4f}" for v in q)]
+    head = ["sigma", "method", "seed", "images", "largest radius", "share at it"]
+    return table(head + ["share wrong or abstained", "p_A_low quartiles (certified)"], rows)
+
+
+def k_ablation(all_runs):
+    """MACER at sigma 0.25, seed 0, with k copies, against k = 16 on the images both hold."""
+    base = find(all_runs, "macer", 0.25, 0, 16)
+    rows = []
+    for k in (1, 2, 4, 8, 16):
+        r = find(all_runs, "macer", 0.25, 0, k)
+        if not (r and "clopper-pearson" in r["tsv"]):
+            rows.append([k, "not certified yet", "", "", ""] + [""] * 2)
+            continue
+        got = results.read_tsv(r["tsv"]["clopper-pearson"])
+        s = certify.summarize(got)
+        acc = " / ".join(f"{s['cert_acc'][g]:.3f}" for g in (0.0, 0.25, 0.5, 0.75))
+        if k == 16:
+            vs = "-"
+        else:
+            (p,) = results.compare([base["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]])[
+                "pairs"
+            ]
+            vs = f"{fmt_ci(p['diff'], p['ci'])} on {p['n']}"
+        rows.append([k, s["n"], f"{s['acr']:.3f}", acc, vs, r["precision"], r["machine"]])
+    head = ["k", "images", "ACR", "certified accuracy at 0 / 0.25 / 0.5 / 0.75"]
+    return table(head + ["ACR, k - (k = 16), 95%", "trained in", "on"], rows)
+
+
+def speed(short=False):
+    files = sorted(glob.glob(os.path.join(HERE, "bench_*.json")))
+    benches = []
+    for path in files:
+        with open(path) as f:
+            benches.append((os.path.basename(path), json.load(f)))
+    names = sorted({row["name"] for _, b in benches for row in b["rows"]}, key=row_order)
+    head = ["measurement"]
+    for file, b in benches:
+        head += [f"{b['device']}, {file}: A / B", "ratio"]
+    rows = []
+    for name in names:
+        if short and not name.startswith(("2.", "3d.", "3e.", "6a.")):
+            continue
+        line = [name]
+        for _, b in benches:
+            hit = [r for r in b["rows"] if r["name"] == name]
+            if hit:
+                r = hit[0]
+                ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+                line += [f"{number(r['a'])} / {number(r['b'])} {r['unit']}", ratio]
+            else:
+                line += ["-", "-"]
+        rows.append(line)
+    return table(head, rows)
+
+
+def row_order(name):
+    m = re.match(r"(\d+)([a-z]?)", name)
+    return (int(m.group(1)), m.group(2), name) if m else (99, "", name)
+
+
+def number(v):
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+# ---------------------------------------------------------------- the figures
+def figures(all_runs):
+    """e10/summary.png: certified accuracy against radius, one panel per sigma, one colour per
+    method and k, one line style per training seed; e10/radius_cdf.png: the empirical CDF of the
+    certified radius (0 for wrong or abstained), the same layout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colour = lambda r: {("cohen", 1): "tab:blue", ("macer", 16): "tab:red"}.get(
+        (r["method"], r["k"]), plt.cm.viridis(np.log2(r["k"]) / 4)
+    )
+    style = ["-", "--", ":", "-."]
+    for png, cdf in (("summary.png", False), ("radius_cdf.png", True)):
+        fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), squeeze=False)
+        for ax, sigma in zip(axes[0], SIGMAS, strict=True):
+            for r in (r for r in all_runs if r["sigma"] == sigma and "clopper-pearson" in r["tsv"]):
+                got = results.read_tsv(r["tsv"]["clopper-pearson"])
+                R = np.sort([x["radius"] * x["correct"] for x in got])
+                grid = np.linspace(0, R.max() + 0.05, 400)
+                y = (
+                    (R[None, :] <= grid[:, None]).mean(1)
+                    if cdf
+                    else (R[None, :] >= grid[:, None]).mean(1)
+                )
+                k = "" if r["k"] in (1, 16) else f" k={r['k']}"
+                label = f"{r['method']}{k} seed {r['seed']}"
+                ax.plot(grid, y, color=colour(r), linestyle=style[r["seed"] % 4], label=label)
+            ax.set(title=f"sigma = {sigma}", xlabel="radius r")
+            ax.set_ylabel("share of images with radius <= r" if cdf else "certified accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(E10, png), dpi=110)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------- the READMEs
+def all_tables():
+    all_runs = runs()
+    compared = e10_pairs(all_runs)
+    return {
+        "readme-e10": e10_compare(compared, short=True),
+        "readme-speed": speed(short=True),
+        "e10-acr": e10_acr(all_runs),
+        "e10-compare": e10_compare(compared),
+        "e10-seeds": e10_seeds(compared),
+        "softrs": softrs(all_runs),
+        "at-cap": at_cap(all_runs),
+        "k-ablation": k_ablation(all_runs),
+        "speed": speed(),
+    }, all_runs
+
+
+def fill(text, tables):
+    """text with each marked table replaced by its current version."""
+
+    def one(m):
+        name = m.group(1)
+        if name not in tables:
+            raise SystemExit(f"error: no table named {name} (tables.py knows {', '.join(tables)})")
+        return f"<!-- table:{name} -->\n{tables[name]}\n<!-- /table -->"
+
+    return re.sub(r"<!-- table:([\w-]+) -->\n.*?<!-- /table -->", one, text, flags=re.S)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--check", action="store_true", help="compare, write nothing")
+    a = p.parse_args(argv)
+    tables, all_runs = all_tables()
+    stale = []
+    for path in READMES:
+        with open(path) as f:
+            old = f.read()
+        new = fill(old, tables)
+        if new != old:
+            stale.append(path)
+            if a.check:
+                diff = difflib.unified_diff(
+                    old.splitlines(), new.splitlines(), path, "from the files"
+                )
+                print("\n".join(list(diff)[:40]))
+            else:
+                data.atomic_write(path, new)
+    if a.check:
+        if stale:
+            sys.exit(
+                f"error: tables differ from the files in {', '.join(stale)}; run results/tables.py"
+            )
+        print("every table matches the committed files")
+        return
+    figures(all_runs)
+    print(f"wrote {len(stale)} README(s) and e10/summary.png, e10/radius_cdf.png")
+
+
+if __name__ == "__main__":
+    main()
