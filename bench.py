@@ -404,7 +404,7 @@ def certify_worker(n, inputs):
     """One process, one thread: Hard-RS CERTIFY on `inputs` Fashion-MNIST test images (random
     images if the data is absent) with the e10 LeNet (a fresh LeNet if absent), per-input noise as
     certify.py draws it. Returns (noisy samples/s, seconds per image)."""
-    import results
+    import records
 
     torch.set_num_threads(1)
     model = (
@@ -420,7 +420,7 @@ def certify_worker(n, inputs):
     smooth.certify(xs[0], N0, 4000, ALPHA, 400)  # warm-up
     t0 = time.perf_counter()
     for i, x in enumerate(xs):
-        smooth.certify(x, N0, n, ALPHA, 400, generator=results.input_generator(0, i, "cpu"))
+        smooth.certify(x, N0, n, ALPHA, 400, generator=records.input_generator(0, i, "cpu"))
     seconds = time.perf_counter() - t0
     return (N0 + n) * len(xs) / seconds, seconds / len(xs)
 

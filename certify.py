@@ -4,10 +4,10 @@ The smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I)
 around x with radius sigma * PhiInv(p_A_low), where p_A_low is a 1 - alpha lower confidence bound
 on the top class's probability (Theorem 1; Eq. 20 for Soft-RS, with z = softmax(beta * u)).
 
-    Smooth(model, num_classes=10, sigma=0.25).certify(x, n0=100, n=100_000, alpha=0.001,
-    batch_size=400)
+    smooth = Smooth(model, num_classes=10, sigma=0.25)
+    label, radius = smooth.certify(x, n0=100, n=100_000, alpha=0.001, batch_size=400)
 
-The paper ends at summarize(); the command line (python certify.py --help) follows it.
+The paper ends at summarize(); Smooth's checks and the command line (--help) follow it.
 """
 
 import argparse
@@ -99,13 +99,17 @@ class Smooth:
         Algorithm 2, on z = softmax(beta * u). c_A is chosen from n0 selection samples; its
         probability is bounded from n fresh estimation samples, so the bound holds."""
         with check_call(self, x, alpha, batch_size, n0=n0, n=n, bound=bound) as x:
-            certify_with = self._certify_hard if bound == "clopper-pearson" else self._certify_soft
-            c_A, p_A_low, bad = certify_with(x, n0, n, alpha, batch_size, bound, generator)
+            if bound == "clopper-pearson":
+                c_A, p_A_low, bad = self._certify_hard(x, n0, n, alpha, batch_size, generator)
+            else:
+                c_A, p_A_low, bad = self._certify_soft(
+                    x, n0, n, alpha, batch_size, generator, bound
+                )
         warn_nonfinite(bad, n)
         R = radius(p_A_low, self.sigma)  # sigma * PhiInv(p_A_low) if p_A_low > 1/2, else abstain
         return (Smooth.ABSTAIN, 0.0) if R is None else (c_A, R)
 
-    def _certify_hard(self, x, n0, n, alpha, batch_size, bound, generator):
+    def _certify_hard(self, x, n0, n, alpha, batch_size, generator):
         """Cohen et al.'s CERTIFY(f, sigma, x, n0, n, alpha) up to the radius: (c_A, p_A_low,
         bad)."""
         counts0 = self._counts(x, n0, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n0, sigma)
@@ -114,7 +118,7 @@ class Smooth:
         n_A, bad = counts[[c_A, -1]].tolist()
         return c_A, clopper_pearson_lower(n_A, n, alpha), bad  # LOWERCONFBOUND(n_A, n, 1 - alpha)
 
-    def _certify_soft(self, x, n0, n, alpha, batch_size, bound, generator):
+    def _certify_soft(self, x, n0, n, alpha, batch_size, generator, bound):
         """Algorithm 2's CERTIFYHOEFFDING and CERTIFYBERNSTEIN(z, sigma^2, x, n0, n, alpha) up to
         the radius: (c_A, z_A_low, bad)."""
         z_hat_0 = self._moments(x, n0, batch_size, generator)[0] / n0  # SAMPLEUNDERNOISE[1, :] / n0
@@ -427,10 +431,10 @@ def main(argv=None):
 
 def run(a):
     import models  # the tools: the library above needs neither torchvision nor result files
-    import results
+    import records
 
     if a.compare:
-        print(results.format_comparison(results.compare(a.compare)))
+        print(records.format_comparison(records.compare(a.compare)))
         return
     own_group = (
         "RANK" in os.environ and not dist.is_initialized()
@@ -468,7 +472,7 @@ def run(a):
             precision = choice[0]
         model = models.fast_path(model.to(device).eval(), precision)
         smooth = Smooth(model, facts.classes, sigma, beta, device=device)
-        # The record of this run: results.MEANING and results.DRAW.
+        # The record of this run: records.MEANING and records.DRAW.
         settings = dict(
             checkpoint_sha256=cfg["sha256"],
             dataset=cfg["dataset"],
@@ -482,7 +486,7 @@ def run(a):
             bound=a.bound,
             precision=precision,
             seed=a.seed,
-            noise=results.NOISE,
+            noise=records.NOISE,
             batch=batch,
             noise_device=device.type,
             machine=models.device_name(device),  # informative: a record of where the file began
@@ -494,7 +498,7 @@ def run(a):
                 f"{world} process(es) -> {out}",
                 flush=True,
             )
-        summary = results.certify_into(
+        summary = records.certify_into(
             out, smooth, test_set, indices, settings, a.overwrite, rank, world
         )
     finally:
@@ -509,11 +513,11 @@ def certify_precision(a, model, device, out, batch, images, shape):
     file continues as it began; for fewer than 50 batches of work, fp32 (measuring would cost more
     than it can save); else the faster of the two for inference on this device."""
     import models
-    import results
+    import records
 
     if a.bf16 or a.fp32:
         return "bf16" if a.bf16 else "fp32"
-    saved = results.read_settings(out, strict=False) if not a.overwrite else None
+    saved = records.read_settings(out, strict=False) if not a.overwrite else None
     if saved is not None and saved.get("precision") in ("bf16", "fp32"):
         return saved["precision"]
     if images * (a.n0 + a.n) < 50 * batch:
@@ -525,15 +529,15 @@ def certify_precision(a, model, device, out, batch, images, shape):
 
 def report(summary, out, a, cfg, settings):
     """Print the table of the rows, and the largest radius they could reach; draw --plot."""
-    import results
+    import records
 
-    print(results.format_table(summary, f"{cfg['dataset']} s={settings['sigma']}"))
+    print(records.format_table(summary, f"{cfg['dataset']} s={settings['sigma']}"))
     cap = largest_radius(settings["sigma"], a.n, a.alpha, a.bound)
     print(f"largest radius at this n and alpha ({a.bound}, every sample agreeing): {cap:.3f}")
     if a.plot:
         png = os.path.splitext(out)[0] + ".png"
         name = f"{cfg['dataset']} s={settings['sigma']} {a.bound}"
-        results.plot_curves([dict(tsv=out, name=name, sigma=settings["sigma"])], png)
+        records.plot_curves([dict(tsv=out, name=name, sigma=settings["sigma"])], png)
         print(f"wrote {png}")
 
 

@@ -27,7 +27,7 @@ from scipy.stats import norm
 import certify
 import data
 import models
-import results
+import records
 import train
 from certify import Smooth
 from test_macer import Linear2, NaNWhere
@@ -160,7 +160,7 @@ def toy_settings(**change):
             bound="clopper-pearson",
             precision="fp32",
             seed=0,
-            noise=results.NOISE,
+            noise=records.NOISE,
             batch=50,
             noise_device="cpu",
         ),
@@ -171,7 +171,7 @@ def toy_settings(**change):
 def cert(out, indices, log=QUIET, overwrite=False, images=None, smooth=None, **change):
     settings = toy_settings(**change)
     smooth = smooth or Smooth(Stub(), 2, settings["sigma"])
-    return results.certify_into(
+    return records.certify_into(
         str(out),
         smooth,
         images or toy_set(),
@@ -187,9 +187,9 @@ def test_results_tsv_is_appended_and_resumed(tmp_path):
     s1 = cert(out, [0, 2])
     lines = []
     s2 = cert(out, [0, 2, 4, 5], log=lines.append)
-    rows = results.read_tsv(str(out))
+    rows = records.read_tsv(str(out))
     assert [r["idx"] for r in rows] == [0, 2, 4, 5] and "2 inputs done" in lines[0]
-    assert Path(out).read_text().split("\n")[0] == results.HEADER
+    assert Path(out).read_text().split("\n")[0] == records.HEADER
     R = 0.25 * norm.ppf(0.001 ** (1 / 100))
     assert (
         rows[0]["radius"] == pytest.approx(R, rel=1e-3)
@@ -209,12 +209,12 @@ def test_the_settings_record_is_written_when_the_file_starts_and_never_after(tmp
     field, edited, survives); --overwrite, which starts the file afresh, writes a new one."""
     out = tmp_path / "r.tsv"
     cert(out, [0])
-    record = results.read_settings(str(out))
-    Path(results.settings_path(str(out))).write_text(json.dumps(dict(record, machine="elsewhere")))
+    record = records.read_settings(str(out))
+    Path(records.settings_path(str(out))).write_text(json.dumps(dict(record, machine="elsewhere")))
     cert(out, [0, 2])
-    assert results.read_settings(str(out))["machine"] == "elsewhere"
+    assert records.read_settings(str(out))["machine"] == "elsewhere"
     cert(out, [0, 4], overwrite=True, seed=5)  # another draw for new rows: afresh
-    fresh = results.read_settings(str(out))
+    fresh = records.read_settings(str(out))
     assert fresh["seed"] == 5 and "machine" not in fresh
 
 
@@ -225,16 +225,16 @@ def test_compare_names_the_settings_that_differ_and_refuses_other_test_sets(tmp_
     for path, n in ((a, 200), (b, 2000)):
         write_tsv(path, [(0, 1, 1, 0.1), (1, 2, 2, 0.1)])
         record = dict(toy_settings(n=n), dataset="toy", test_set_sha256="x")
-        Path(results.settings_path(str(path))).write_text(json.dumps(record))
-    (pair,) = results.compare([str(a), str(b)])["pairs"]
+        Path(records.settings_path(str(path))).write_text(json.dumps(record))
+    (pair,) = records.compare([str(a), str(b)])["pairs"]
     assert pair["notes"] == ["A and B differ in n: 200 against 2000"]
-    assert "note: A and B differ in n" in results.format_comparison(
-        results.compare([str(a), str(b)])
+    assert "note: A and B differ in n" in records.format_comparison(
+        records.compare([str(a), str(b)])
     )
     record["test_set_sha256"] = "y"
-    Path(results.settings_path(str(b))).write_text(json.dumps(record))
+    Path(records.settings_path(str(b))).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="other test sets"):
-        results.compare([str(a), str(b)])
+        records.compare([str(a), str(b)])
 
 
 def test_results_made_with_other_settings_are_never_mixed(tmp_path):
@@ -252,7 +252,7 @@ def test_results_made_with_other_settings_are_never_mixed(tmp_path):
     s = cert(out, [0, 1, 2], sigma=0.5, overwrite=True)
     assert s["n"] == 3 and all(
         r["radius"] == pytest.approx(0.5 * norm.ppf(0.001**0.01), rel=1e-3)
-        for r in results.read_tsv(str(out))
+        for r in records.read_tsv(str(out))
     )
 
 
@@ -280,7 +280,7 @@ def test_a_cut_off_last_row_is_dropped_and_certified_again(tmp_path):
     lines = []
     s = cert(out, [0, 1, 2, 3, 4], log=lines.append)
     assert any("cut-off" in line for line in lines) and s["n"] == 5
-    assert [r["idx"] for r in results.read_tsv(str(out))] == [0, 1, 2, 3, 4]
+    assert [r["idx"] for r in records.read_tsv(str(out))] == [0, 1, 2, 3, 4]
     assert Path(out).read_text().endswith("\n")
 
 
@@ -288,18 +288,18 @@ def test_an_empty_results_file_is_started_and_a_corrupt_one_refused(tmp_path):
     out = tmp_path / "r.tsv"
     out.write_text("")  # a kill during the first image
     assert cert(out, [0, 1])["n"] == 2
-    out.write_text(results.HEADER + "\n0\t1\t1\t0.5\n1\t0\t1\t0.5\t0\t1.0\n")
+    out.write_text(records.HEADER + "\n0\t1\t1\t0.5\n1\t0\t1\t0.5\t0\t1.0\n")
     with pytest.raises(ValueError, match="line 2"):
-        results.read_tsv(str(out))
+        records.read_tsv(str(out))
 
 
 def test_a_second_writer_is_refused(tmp_path):
     out = str(tmp_path / "r.tsv")
-    f, _, _ = results.open_results(out, toy_settings(), [0], results.row_check(), log=QUIET)
+    f, _, _ = records.open_results(out, toy_settings(), [0], records.row_check(), log=QUIET)
     with pytest.raises(ValueError, match="another process"):
-        results.open_results(out, toy_settings(), [0], results.row_check(), log=QUIET)
+        records.open_results(out, toy_settings(), [0], records.row_check(), log=QUIET)
     f.close()
-    results.open_results(out, toy_settings(), [0], results.row_check(), log=QUIET)[0].close()
+    records.open_results(out, toy_settings(), [0], records.row_check(), log=QUIET)[0].close()
 
 
 @pytest.mark.parametrize(
@@ -321,7 +321,7 @@ def test_every_row_is_checked_against_its_settings_and_the_test_set(tmp_path, fi
     out = tmp_path / "r.tsv"
     cert(out, [1, 3, 5])
     lines = Path(out).read_text().splitlines()
-    cols = results.HEADER.split("\t")
+    cols = records.HEADER.split("\t")
     row = lines[2].split("\t")
     row[cols.index(field)] = value
     lines[2] = "\t".join(row)
@@ -330,10 +330,10 @@ def test_every_row_is_checked_against_its_settings_and_the_test_set(tmp_path, fi
         cert(out, [1, 3, 5])
     if field != "idx":  # without the test set, idx 99 is a valid row
         with pytest.raises(ValueError, match="line 3"):
-            results.read_tsv(str(out))
+            records.read_tsv(str(out))
     if field == "radius":
         with pytest.raises(ValueError, match="line 3"):
-            results.compare([str(out), str(out)])
+            records.compare([str(out), str(out)])
 
 
 def test_settings_and_paths_that_are_not_results_files_are_never_written(tmp_path):
@@ -383,7 +383,7 @@ def test_noise_is_per_input_whatever_the_order_the_company_or_a_resume(tmp_path)
         torch.randint(0, 255, (6, 1, 1, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])
     )
     rows = lambda name: {
-        r["idx"]: (r["predict"], r["radius"]) for r in results.read_tsv(str(tmp_path / name))
+        r["idx"]: (r["predict"], r["radius"]) for r in records.read_tsv(str(tmp_path / name))
     }
     kw = dict(images=dataset, smooth=smooth, sigma=0.5, n=400)
     cert(tmp_path / "abc.tsv", [1, 3, 5], **kw)
@@ -405,7 +405,7 @@ def test_noise_is_per_input_whatever_the_order_the_company_or_a_resume(tmp_path)
 def write_tsv(path, rows, time="0.1"):
     with open(path, "w") as f:
         f.write(
-            results.HEADER
+            records.HEADER
             + "\n"
             + "".join(f"{i}\t{y}\t{p}\t{r}\t{int(y == p)}\t{time}\n" for i, y, p, r in rows)
         )
@@ -419,7 +419,7 @@ def test_compare_against_a_hand_computed_case(tmp_path):
     write_tsv(
         b, [(0, 1, 1, 0.8), (1, 2, 2, 0.3), (2, 3, 3, 0.1)], time="0:00:03.14"
     )  # Cohen et al.'s time column
-    (c,) = results.compare([str(a), str(b)], resamples=4000)["pairs"]
+    (c,) = records.compare([str(a), str(b)], resamples=4000)["pairs"]
     assert (
         c["n"] == 3
         and c["acr_a"] == pytest.approx(0.8 / 3)
@@ -432,16 +432,16 @@ def test_compare_against_a_hand_computed_case(tmp_path):
     assert [c["cert_acc_diff"][r] for r in (0.0, 0.25, 0.5, 0.75, 1.0)] == pytest.approx(
         [1 / 3, 0, 0, 1 / 3, 0]
     )
-    assert results.compare([str(a), str(b)], resamples=4000)["pairs"][0] == c  # seeded
-    assert results.read_tsv(str(b))[0]["time"] == pytest.approx(3.14)
-    (same,) = results.compare([str(a), str(a)])["pairs"]
+    assert records.compare([str(a), str(b)], resamples=4000)["pairs"][0] == c  # seeded
+    assert records.read_tsv(str(b))[0]["time"] == pytest.approx(3.14)
+    (same,) = records.compare([str(a), str(a)])["pairs"]
     assert same["diff"] == 0 and same["ci"] == (0.0, 0.0)
     write_tsv(tmp_path / "c.tsv", [(99, 1, 1, 0.5)])
     with pytest.raises(ValueError, match="share no inputs"):
-        results.compare([str(a), str(tmp_path / "c.tsv")])
+        records.compare([str(a), str(tmp_path / "c.tsv")])
     write_tsv(tmp_path / "d.tsv", [(0, 4, 4, 0.5)])
     with pytest.raises(ValueError, match="disagree on the label of input 0"):
-        results.compare([str(a), str(tmp_path / "d.tsv")])
+        records.compare([str(a), str(tmp_path / "d.tsv")])
 
 
 def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
@@ -455,7 +455,7 @@ def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
         for side, rows in (("a", rows_a), ("b", rows_b)):
             write_tsv(tmp_path / f"{side}{j}.tsv", rows)
             paths.append(str(tmp_path / f"{side}{j}.tsv"))
-    c = results.compare(paths, resamples=4000)
+    c = records.compare(paths, resamples=4000)
     assert [p["diff"] for p in c["pairs"]] == pytest.approx([0.0, 0.3, 0.6])
     assert all(
         p["ci"] == pytest.approx((p["diff"], p["diff"])) for p in c["pairs"]
@@ -465,25 +465,25 @@ def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
         0.6, abs=1e-9
     )  # 3 seeds' extremes
     assert c["acr_b"]["mean"] == pytest.approx(0.8) and c["acr_b"]["sd"] == pytest.approx(0.3)
-    text = results.format_comparison(c)
+    text = records.format_comparison(c)
     assert "two-level" in text and "pair 3" in text
 
 
 def test_the_bootstrap_draws_in_blocks_and_gives_the_same_means():
     d = np.random.default_rng(1).normal(size=500)
-    whole = results.bootstrap_means(d, 300, np.random.default_rng(7))
-    blocks = results.bootstrap_means(
+    whole = records.bootstrap_means(d, 300, np.random.default_rng(7))
+    blocks = records.bootstrap_means(
         d, 300, np.random.default_rng(7), block=1000
     )  # 2 resamples per block
     np.testing.assert_array_equal(whole, blocks)
     t0 = time.time()
-    big = results.bootstrap_means(np.ones(50_000), 200, np.random.default_rng(0))
+    big = records.bootstrap_means(np.ones(50_000), 200, np.random.default_rng(0))
     assert (big == 1).all() and time.time() - t0 < 60
 
 
 def test_a_missing_tsv_is_left_out_of_the_plot_with_a_warning(tmp_path, capsys):
     write_tsv(tmp_path / "a.tsv", [(0, 1, 1, 0.6), (1, 1, 0, 0.0)])
-    drawn = results.curves(
+    drawn = records.curves(
         [
             dict(name="here", sigma=0.25, tsv=str(tmp_path / "a.tsv")),
             dict(name="moved", sigma=0.25, tsv=str(tmp_path / "gone.tsv")),
@@ -496,7 +496,7 @@ def test_a_missing_tsv_is_left_out_of_the_plot_with_a_warning(tmp_path, capsys):
 
 
 def test_the_table_title_is_never_cut():
-    table = results.format_table(
+    table = records.format_table(
         certify.summarize([dict(label=1, predict=1, radius=0.2)]), "fashion-mnist s=0.125"
     )
     assert "fashion-mnist s=0.125 " in table
@@ -789,10 +789,10 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
     )
     log = run(*common, "--epochs", "1")
     assert "cpu fp32" in log and "over 5 inputs" in log  # under 50 steps: fp32, not measured
-    first = results.read_tsv(str(out / "certify.tsv"))
+    first = records.read_tsv(str(out / "certify.tsv"))
     log = run(*common, "--epochs", "2", "--resume")
     assert "resumed" in log and "afresh" in log and "over 5 inputs" in log
-    assert results.read_tsv(str(out / "certify.tsv")) != first
+    assert records.read_tsv(str(out / "certify.tsv")) != first
     log = run(
         "certify.py",
         str(out / "checkpoint.pt"),
@@ -807,13 +807,13 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
         "--bound",
         "bernstein",
     )
-    rows = results.read_tsv(str(tmp_path / "c.tsv"))
+    rows = records.read_tsv(str(tmp_path / "c.tsv"))
     assert [r["idx"] for r in rows] == [0, 20, 40, 60, 80] and "ACR" in log and "ETA" in log
     assert (
         sum(r["correct"] for r in rows) >= 2
     )  # chance is 0.5 of 5: the smoothed classifier learnt the bars
     assert "fp32, 1 process(es) ->" in log
-    record = results.read_settings(str(tmp_path / "c.tsv"))
+    record = records.read_settings(str(tmp_path / "c.tsv"))
     assert record == {**record, **dict(dataset="fashion-mnist", sigma=0.25, n0=100, n=300)}
     assert record["bound"] == "bernstein" and record["precision"] == "fp32"
 
@@ -842,7 +842,7 @@ def test_end_to_end_on_real_fashion_mnist(tmp_path):
         "--cert-skip",
         "50",
     )
-    s = results.read_tsv(str(tmp_path / "certify.tsv"))
+    s = records.read_tsv(str(tmp_path / "certify.tsv"))
     assert len(s) == 20 and sum(r["correct"] for r in s) >= 8, log  # chance is 2 of 20
 
 
@@ -926,7 +926,7 @@ def test_ddp_training_and_its_final_certification_use_both_processes(tiny_fmnist
     )
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0][0], ckpt["rng"][1][0])
-    assert len(results.read_tsv(str(tmp_path / "certify.tsv"))) == 4
+    assert len(records.read_tsv(str(tmp_path / "certify.tsv"))) == 4
 
 
 def test_torchrun_certification_gives_the_rows_of_one_process(tiny_fmnist, lenet_ckpt, tmp_path):
@@ -949,7 +949,7 @@ def test_torchrun_certification_gives_the_rows_of_one_process(tiny_fmnist, lenet
     log = torchrun("certify.py", *args, "--out", str(tmp_path / "two.tsv"))
     assert "2 process(es)" in log and log.count("certified accuracy at radius r") == 1
     rows = lambda name: sorted(
-        (r["idx"], r["predict"], r["radius"]) for r in results.read_tsv(str(tmp_path / name))
+        (r["idx"], r["predict"], r["radius"]) for r in records.read_tsv(str(tmp_path / name))
     )
     assert rows("one.tsv") == rows("two.tsv") and len(rows("two.tsv")) == 7
     log = torchrun("certify.py", *args, "--out", str(tmp_path / "two.tsv"))
@@ -1050,7 +1050,7 @@ def test_the_four_paper_settings_end_to_end(dataset, arch, tmp_path):
             *which,
         ]
     )
-    rows = results.read_tsv(str(tsv))
+    rows = records.read_tsv(str(tsv))
     want = [0, 100, 200] if dataset == "imagenet" else [0, 3]
     assert [r["idx"] for r in rows] == want and all(
         0 <= r["label"] < data.DATASETS[dataset].classes for r in rows
@@ -1077,7 +1077,7 @@ def test_start_skip_and_max_choose_the_test_images(lenet_ckpt, tiny_fmnist, tmp_
             str(tmp_path / "s.tsv"),
         ]
     )
-    assert [r["idx"] for r in results.read_tsv(str(tmp_path / "s.tsv"))] == [5, 6, 7]
+    assert [r["idx"] for r in records.read_tsv(str(tmp_path / "s.tsv"))] == [5, 6, 7]
 
 
 # ================================================================ user mistakes: one sentence, no
@@ -1386,7 +1386,7 @@ def test_out_through_a_symlink_or_at_a_fifo_is_refused_and_touches_nothing(
     """--out link.tsv --overwrite would truncate the file the link points to: refused, in one
     line, with that file and its record as they were; a FIFO is refused without blocking."""
     other = tmp_path / "other.tsv"
-    other.write_text(results.HEADER + "\n0\t3\t3\t0.50000\t1\t1.0\n")
+    other.write_text(records.HEADER + "\n0\t3\t3\t0.50000\t1\t1.0\n")
     (tmp_path / "link.tsv").symlink_to(other)
     base = [lenet_ckpt, "--data-dir", tiny_fmnist, "--n", "100", "--max", "1", "--overwrite"]
     assert "symbolic link" in one_line_error(
@@ -1513,7 +1513,7 @@ def test_certify_records_every_fact_a_row_depends_on(lenet_ckpt, tiny_fmnist, tm
     ]:
         assert f"other settings ({key})" in one_line_error(certify.main, base + flags)
     certify.main(base + ["--sigma", "0.5", "--overwrite"])
-    assert len(results.read_tsv(str(tmp_path / "s.tsv"))) == 2
+    assert len(records.read_tsv(str(tmp_path / "s.tsv"))) == 2
 
 
 def test_a_full_disk_while_certifying_is_one_line_and_the_rows_so_far_stay(
@@ -1541,12 +1541,12 @@ def test_a_full_disk_while_certifying_is_one_line_and_the_rows_so_far_stay(
         written.append(line)
         os.write(fd, line.encode())
 
-    monkeypatch.setattr(results, "append_line", fills_up)
+    monkeypatch.setattr(records, "append_line", fills_up)
     assert "No space left on device" in one_line_error(certify.main, base)
-    assert [r["idx"] for r in results.read_tsv(str(out))] == [0, 10]
+    assert [r["idx"] for r in records.read_tsv(str(out))] == [0, 10]
     monkeypatch.undo()
     certify.main(base)  # room again: the rerun certifies the two that are missing
-    assert [r["idx"] for r in results.read_tsv(str(out))] == [0, 10, 20, 30]
+    assert [r["idx"] for r in records.read_tsv(str(out))] == [0, 10, 20, 30]
 
 
 def test_a_closed_pipe_ends_compare_quietly(tmp_path):
@@ -1567,3 +1567,27 @@ def test_a_closed_pipe_ends_compare_quietly(tmp_path):
     p.stdout.close()  # as `| head -0` would, before anything is written
     err = p.stderr.read()
     assert p.wait() != 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# ================================================================ the evidence
+def test_every_readme_table_is_what_the_committed_files_give():
+    """results/tables.py --check recomputes each marked table of README.md and results/README.md
+    from the committed results files, records and bench JSON; a table edited by hand is found."""
+    p = subprocess.run(
+        [sys.executable, os.path.join("results", "tables.py"), "--check"],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    sys.path.insert(0, os.path.join(HERE, "results"))
+    import tables
+
+    readme = Path(HERE, "README.md").read_text()
+    start = readme.index("<!-- table:readme-e10 -->")
+    edited = readme[:start] + readme[start:].replace("0.", "9.", 1)
+    current = tables.all_tables()[0]
+    assert (
+        edited != readme and tables.fill(edited, current) == tables.fill(readme, current) == readme
+    )

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import certify
 import data
 import models
-import results
+import records
 from macer import macer_loss, noisy_copies
 
 
@@ -639,7 +639,7 @@ def certify_checkpoint(cfg, ckpt_path, rank, world):
     rows are of another checkpoint; rows of this one under other settings are kept, and
     certify.py says what to do."""
     out = os.path.join(cfg.out_dir, "certify.tsv")
-    record = results.read_settings(out, strict=False)
+    record = records.read_settings(out, strict=False)
     with open(ckpt_path, "rb") as f:
         checkpoint_changed = record is not None and record.get("checkpoint_sha256") != (
             hashlib.sha256(f.read()).hexdigest()

@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 import certify  # noqa: E402
 import data  # noqa: E402
-import results  # noqa: E402
+import records  # noqa: E402
 
 E10 = os.path.join(HERE, "e10")
 READMES = [os.path.join(ROOT, "README.md"), os.path.join(HERE, "README.md")]
@@ -103,7 +103,7 @@ def e10_acr(all_runs):
     order = {"clopper-pearson": 0, "bernstein": 1, "hoeffding": 2}
     for r in sorted(all_runs, key=lambda r: (r["sigma"], r["k"] != 16 and r["method"] == "macer")):
         for bound, path in sorted(r["tsv"].items(), key=lambda kv: order[kv[0]]):
-            s = certify.summarize(results.read_tsv(path))
+            s = certify.summarize(records.read_tsv(path))
             what = r["method"].replace("cohen", "Cohen").replace("macer", "MACER")
             what += f", k = {r['k']}" if r["method"] == "macer" and r["k"] != 16 else ""
             what += "" if bound == "clopper-pearson" else f", Soft-RS {bound.capitalize()}"
@@ -124,7 +124,7 @@ def e10_pairs(all_runs):
             if a and b and "clopper-pearson" in a["tsv"] and "clopper-pearson" in b["tsv"]:
                 pairs += [a["tsv"]["clopper-pearson"], b["tsv"]["clopper-pearson"]]
         if pairs:
-            out[sigma] = results.compare(pairs)
+            out[sigma] = records.compare(pairs)
     return out
 
 
@@ -192,17 +192,23 @@ def softrs(all_runs):
         hard = r["tsv"].get("clopper-pearson")
         for bound in ("bernstein", "hoeffding"):
             if hard and bound in r["tsv"]:
-                (p,) = results.compare([hard, r["tsv"][bound]])["pairs"]
-                soft_rows = results.read_tsv(r["tsv"][bound])
+                (p,) = records.compare([hard, r["tsv"][bound]])["pairs"]
+                soft_rows = records.read_tsv(r["tsv"][bound])
                 smaller = sum(
                     s["radius"] < h["radius"]
-                    for s, h in zip_rows(soft_rows, results.read_tsv(hard))
+                    for s, h in zip_rows(soft_rows, records.read_tsv(hard))
+                )
+                same = sum(
+                    s["predict"] == h["predict"]
+                    for s, h in zip_rows(soft_rows, records.read_tsv(hard))
                 )
                 largest = max(s["radius"] for s in soft_rows)
                 rows.append([r["name"], bound, p["n"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}"])
-                rows[-1] += [fmt_ci(p["diff"], p["ci"]), f"{smaller} of {p['n']}", f"{largest:.2f}"]
+                rows[-1] += [fmt_ci(p["diff"], p["ci"]), f"{same} of {p['n']}"]
+                rows[-1] += [f"{smaller} of {p['n']}", f"{largest:.2f}"]
     head = ["run", "Soft-RS bound", "images", "Hard-RS ACR", "Soft-RS ACR", "Soft - Hard, 95%"]
-    return table(head + ["images with a smaller radius", "largest Soft-RS radius"], rows)
+    head += ["same prediction", "smaller radius", "largest Soft-RS radius"]
+    return table(head, rows)
 
 
 def zip_rows(a_rows, b_rows):
@@ -219,11 +225,11 @@ def at_cap(all_runs):
         path = r["tsv"].get("clopper-pearson")
         if not path:
             continue
-        settings = results.read_settings(path)
+        settings = records.read_settings(path)
         cap = certify.largest_radius(
             r["sigma"], settings["n"], settings["alpha"], settings["bound"]
         )
-        got = results.read_tsv(path)
+        got = records.read_tsv(path)
         at = sum(x["correct"] and x["radius"] >= cap - 1e-5 for x in got)
         zero = sum(not x["correct"] or x["predict"] == -1 for x in got)
         p_low = [
@@ -246,13 +252,13 @@ def k_ablation(all_runs):
         if not (r and "clopper-pearson" in r["tsv"]):
             rows.append([k, "not certified yet", "", "", ""] + [""] * 2)
             continue
-        got = results.read_tsv(r["tsv"]["clopper-pearson"])
+        got = records.read_tsv(r["tsv"]["clopper-pearson"])
         s = certify.summarize(got)
         acc = " / ".join(f"{s['cert_acc'][g]:.3f}" for g in (0.0, 0.25, 0.5, 0.75))
         if k == 16:
             vs = "-"
         else:
-            (p,) = results.compare([base["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]])[
+            (p,) = records.compare([base["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]])[
                 "pairs"
             ]
             vs = f"{fmt_ci(p['diff'], p['ci'])} on {p['n']}"
@@ -299,6 +305,55 @@ def number(v):
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
+def sizes():
+    """Lines of each file as formatted (ruff format, 100 columns), and of the reading path:
+    macer.py, train.py from train_one_epoch to lr_schedule, certify.py down to summarize."""
+
+    def lines(name):
+        with open(os.path.join(ROOT, name)) as f:
+            return f.read().split("\n")
+
+    def span(name, start, end):
+        text = lines(name)
+        a = next(i for i, line in enumerate(text) if line.startswith(start)) if start else 0
+        b = next(i for i, line in enumerate(text) if line.startswith(end))
+        return b - a
+
+    files = ["macer.py", "train.py", "certify.py", "records.py", "data.py", "models.py", "bench.py"]
+    code = {name: len(lines(name)) - 1 for name in files}
+    path = {
+        "macer.py": code["macer.py"],
+        "train.py": span("train.py", "def train_one_epoch", "def log_stats"),
+        "certify.py": span(
+            "certify.py",
+            None,
+            "# ---------------------------------------------------------------- Smooth's checks",
+        ),
+    }
+    rows = [[name, code[name], path.get(name, "")] for name in files]
+    rows.append(["all", sum(code.values()), sum(path.values())])
+    return table(["file", "lines", "of which on the reading path"], rows)
+
+
+def quick_run():
+    """The quick run's record: results/quick/ (python train.py --out-dir results/quick)."""
+    folder = os.path.join(HERE, "quick")
+    ckpt = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    tsv = os.path.join(folder, "certify.tsv")
+    got = records.read_tsv(tsv)
+    s = certify.summarize(got)
+    settings = records.read_settings(tsv)
+    with open(os.path.join(folder, "log.txt")) as f:
+        wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", f.read())
+    acc = " / ".join(f"{s['cert_acc'][g]:.3f}" for g in (0.0, 0.25, 0.5))
+    row = [machine(ckpt["config"].get("device_name")), ckpt["config"]["precision"]]
+    row += [settings["precision"], f"{ckpt['train_seconds']:.0f} s"]
+    row += [f"{sum(r['time'] for r in got):.0f} s", wall.group(1) if wall else "not recorded"]
+    row += [s["n"], settings["n"], f"{s['acr']:.3f}", acc]
+    head = ["machine", "trained in", "certified in", "training", "certification", "wall"]
+    return table(head + ["images", "n", "ACR", "certified accuracy at 0 / 0.25 / 0.5"], [row])
+
+
 # ---------------------------------------------------------------- the figures
 def figures(all_runs):
     """e10/summary.png: certified accuracy against radius, one panel per sigma, one colour per
@@ -317,7 +372,7 @@ def figures(all_runs):
         fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), squeeze=False)
         for ax, sigma in zip(axes[0], SIGMAS, strict=True):
             for r in (r for r in all_runs if r["sigma"] == sigma and "clopper-pearson" in r["tsv"]):
-                got = results.read_tsv(r["tsv"]["clopper-pearson"])
+                got = records.read_tsv(r["tsv"]["clopper-pearson"])
                 R = np.sort([x["radius"] * x["correct"] for x in got])
                 grid = np.linspace(0, R.max() + 0.05, 400)
                 y = (
@@ -344,6 +399,8 @@ def all_tables():
     return {
         "readme-e10": e10_compare(compared, short=True),
         "readme-speed": speed(short=True),
+        "sizes": sizes(),
+        "quick-run": quick_run(),
         "e10-acr": e10_acr(all_runs),
         "e10-compare": e10_compare(compared),
         "e10-seeds": e10_seeds(compared),
