@@ -88,12 +88,14 @@ def row_check(settings=None, labels=None, classes=None):
     largest that n and alpha allow; with the test set's labels, the label; predict against K."""
     cap = math.inf
     if settings is not None:
-        cap = (
-            certify.largest_radius(
-                settings["sigma"], settings["n"], settings["alpha"], settings["bound"]
-            )
-            or 0.0
-        )
+        try:
+            facts = [settings[k] for k in ("sigma", "n", "alpha", "bound")]
+            cap = certify.largest_radius(*facts) or 0.0
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                "a settings record lacks a valid sigma, n, alpha or bound; it was edited: restore "
+                "it, or certify afresh with --overwrite"
+            ) from None
 
     def check(row):
         i, label, predict, R = row["idx"], row["label"], row["predict"], row["radius"]
@@ -156,8 +158,12 @@ def read_tsv(path, check=None):
         raise ValueError(f"{path} is a folder, not a results file")
     if not os.path.exists(path):
         raise ValueError(f"no results file at {path}")
-    with open(path) as f:
-        return parse_rows(f.read(), path, check or row_check(read_settings(path)))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a results file of certify.py (not UTF-8 text)") from None
+    return parse_rows(text, path, check or row_check(read_settings(path)))
 
 
 # ---------------------------------------------------------------- opening, appending

@@ -998,6 +998,20 @@ def write_setting(dataset, root, val_images=8):
                 Image.fromarray(img).save(root / split / f"n0{c}" / f"{i:03d}.JPEG")
 
 
+def test_imagenet_honours_train_subset_and_augment(tmp_path):
+    """--train-subset takes the first N ImageNet images and --augment 0 the evaluation transform
+    (resize and centre crop), as they do for the small datasets, instead of being recorded only."""
+    write_setting("imagenet", tmp_path / "data")
+    base = dict(dataset="imagenet", data_dir=str(tmp_path / "data"), batch=2, workers=0)
+    for subset, augment in ((3, True), (0, False)):
+        cfg = dataclasses.replace(train.Config(), **base, train_subset=subset, augment=augment)
+        loader = train.load_train_set(cfg, torch.device("cpu"), ddp=False)
+        assert len(loader.dataset) == (subset or 8)
+        tf = loader.dataset.dataset.transform
+        names = [type(t).__name__ for t in tf.transforms]
+        assert ("RandomResizedCrop" in names) == augment and ("CenterCrop" in names) != augment
+
+
 @pytest.mark.parametrize(
     "dataset, arch",
     [("mnist", "lenet"), ("cifar10", "resnet20"), ("svhn", "resnet20"), ("imagenet", "resnet50")],
@@ -1141,6 +1155,7 @@ def one_line_error(fn, argv):
         (["--milestones", "3", "1"], "--milestones must be increasing"),
         (["--dynamic-lbd", "1", "--milestones"], "--dynamic-lbd 1 waits"),
         (["--resume", "--overwrite"], "give one of them"),
+        (["--cert-n", "5"], "no input can be certified with --cert-n 5"),
         (["--device", "foo"], "unknown device"),
         (
             ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
@@ -1378,6 +1393,26 @@ def test_an_allocation_failure_names_the_flags_to_lower(tiny_fmnist, lenet_ckpt,
         ],
     )
     assert "out of memory" in msg and "--batch" in msg
+
+
+def test_hand_edited_files_and_arguments_end_in_one_sentence(tmp_path):
+    """Booleans are not numbers for Smooth; a settings record edited to {} or to another type, and
+    a TSV in Latin-1, are named in a ValueError, not a traceback."""
+    for bad in (dict(sigma=True), dict(beta=True), dict(num_classes=True)):
+        with pytest.raises(ValueError):
+            Smooth(Stub(), **{**dict(num_classes=2, sigma=0.25), **bad})
+    with pytest.raises(ValueError, match="n0 must be an integer"):
+        Smooth(Stub(), 2, 0.25).certify(torch.zeros(2), True, 100, 0.001, 10)
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    write_tsv(a, [(0, 1, 1, 0.1)])
+    write_tsv(b, [(0, 1, 1, 0.1)])
+    for record in ({}, dict(toy_settings(), n="100"), dict(toy_settings(), bound="wilson")):
+        Path(records.settings_path(str(a))).write_text(json.dumps(record))
+        with pytest.raises(ValueError, match="edited|lacks"):
+            records.compare([str(a), str(b)])
+    Path(b).write_bytes(Path(b).read_bytes().replace(b"idx", b"\xefdx"))
+    with pytest.raises(ValueError, match="b.tsv is not a results file"):
+        records.read_tsv(str(b))
 
 
 def test_out_through_a_symlink_or_at_a_fifo_is_refused_and_touches_nothing(

@@ -68,7 +68,7 @@ def log_stats(stats, head, log):
     if not all(map(math.isfinite, s[:2])):
         raise FloatingPointError(
             f"the loss became non-finite ({head.strip()}); the last checkpoint is the last good "
-            "one: lower --lr or --lbd, or raise --grad-clip"
+            "one: lower --lr or --lbd, or clip harder with a smaller --grad-clip (0 is no clip)"
         )
     log(
         f"{head}  loss_cls {s[0] / s[3]:.4f}  loss_rob {s[1] / s[3]:.4f}  acc {s[2] / s[3]:.4f}",
@@ -240,12 +240,11 @@ def check_config(cfg):
                     "cert_skip",
                     "save_every",
                     "log_every",
-                    "workers",
                 )
             ],
             *[
                 (n, getattr(cfg, n), ">= 0", getattr(cfg, n) >= 0)
-                for n in ("cert_max", "cert_batch")
+                for n in ("cert_max", "cert_batch", "workers")
             ],
             *[("milestones", m, ">= 1", m >= 1) for m in cfg.milestones],
         ]
@@ -261,6 +260,12 @@ def check_config(cfg):
         )
     if cfg.method == "cohen" and (cfg.k != 1 or cfg.lbd != 0 or cfg.dynamic_lbd):
         bad.append("--method cohen is k = 1 and lambda = 0: for other values use --method macer")
+    if not bad and cfg.cert_max > 0:  # before training, not after it
+        if certify.largest_radius(1.0, cfg.cert_n, cfg.cert_alpha, "clopper-pearson") is None:
+            bad.append(
+                f"no input can be certified with --cert-n {cfg.cert_n} and --cert-alpha "
+                f"{cfg.cert_alpha}: raise either (or --cert-max 0 to skip certification)"
+            )
     if cfg.fp32 and cfg.bf16:
         bad.append("--fp32 and --bf16 contradict each other; give at most one")
     if bad:
