@@ -78,8 +78,8 @@ DATASETS = {
         "resnet110",
         Recipe(**PAPER, lbd={0.25: 12, 0.5: 12}, augment=True),
     ),
-    # Every 100th of the 50,000 validation images: ImageFolder sorts them by class, so every 20th
-    # would cover only classes 0-199 (Cohen et al. and the paper take every 100th).
+    # Every 100th of the 50,000 validation images, as Cohen et al. certify them: ImageFolder sorts
+    # them by class, so every 20th would cover only classes 0-199.
     "imagenet": DatasetFacts(
         1000,
         (3, 224, 224),
@@ -89,8 +89,8 @@ DATASETS = {
         Recipe(120, 0.1, (30, 60, 90), 2, {0.25: 6, 0.5: 3, 1.0: 3}, augment=True),
         skip=100,
     ),
-    # Not in the paper: the quick, offline first run (MNIST's loss settings, LeNet has no BatchNorm
-    # to hold its logit scale, hence the clipping; see the README).
+    # Not in the paper: the quick, offline first run, with MNIST's loss settings and the gradient
+    # norm clipped at 5 (Algorithm 1 allows any first-order method; the README lists it).
     "fashion-mnist": DatasetFacts(
         10,
         (1, 28, 28),

@@ -886,10 +886,13 @@ class NaNWhere(nn.Module):
 
 @pytest.mark.parametrize("bound", certify.BOUNDS)
 def test_non_finite_logits_never_vote(bound):
-    """A NaN network abstains (argmax would have voted class 0); when half the samples are NaN,
-    they count against c_A, so p_A is about 1/2 and it abstains; it warns each time."""
+    """A NaN network abstains (argmax would have voted class 0); when 69% of the samples are NaN
+    (x[0] + eta > -0.25, sigma 0.5), they count against c_A, so p_A = 0.31 and it abstains (were
+    NaN a vote for class 0, class 0 would be certified); it warns each time. Failure probability
+    for correct code: abstaining fails only if 1,070 or more of 2,000 samples at p = 0.31 fall in
+    class 1, some 30 standard deviations out."""
     x = torch.zeros(2, dtype=torch.float64)
-    for threshold in (-math.inf, 0.0):
+    for threshold in (-math.inf, -0.25):
         with pytest.warns(UserWarning, match="non-finite"):
             assert Smooth(NaNWhere(threshold), 2, 0.5).certify(x, 50, 2000, 0.001, 500, bound) == (
                 Smooth.ABSTAIN,

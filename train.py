@@ -44,7 +44,8 @@ def train_one_epoch(model, opt, batches, k, sigma, lbd, gamma, beta, grad_clip=0
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        correct = (logits.detach().softmax(-1).mean(1).argmax(-1) == y).sum()  # the smoothed guess
+        # The top class of the mean softmax over the k copies (at k = 1: of one noisy copy).
+        correct = (logits.detach().softmax(-1).mean(1).argmax(-1) == y).sum()
         n_ = torch.full_like(loss_cls, n)
         yield torch.stack([loss_cls.detach() * n, loss_rob.detach() * n, correct.to(n_), n_])
 
