@@ -1,7 +1,8 @@
 """The result files of certify.py, beside the paper's code: the TSV of one row per input (Cohen et
-al.'s columns) and the settings record beside it, the lock, the cut-row repair, the table file, the
-summary JSON of runs, the paired comparison and the plot. A file holds rows made under one set of
-facts (MEANING, DRAW), checked on every read, as is each row. Any number of processes append one
+al.'s columns) and the settings record beside it (written when the file starts), the lock, the
+cut-row repair, the table, the paired comparison and the plot, which are derived from the files
+when asked for and never stored. A file holds rows made under one set of facts (MEANING, DRAW),
+checked on every resume; each row is checked when read. Any number of processes append one
 line per input, so an interrupted run keeps its rows. Input i's noise depends on (seed, i) alone:
 its row is the same certified alone, after a resume, in any order or process (with the same batch,
 on the same kind of device)."""

@@ -373,15 +373,15 @@ def figures(all_runs):
         for ax, sigma in zip(axes[0], SIGMAS, strict=True):
             for r in (r for r in all_runs if r["sigma"] == sigma and "clopper-pearson" in r["tsv"]):
                 got = records.read_tsv(r["tsv"]["clopper-pearson"])
-                R = np.sort([x["radius"] * x["correct"] for x in got])
+                R = np.array([x["radius"] * x["correct"] for x in got])  # 0: wrong or abstained
+                ok = np.array([x["correct"] == 1 for x in got])
                 grid = np.linspace(0, R.max() + 0.05, 400)
-                y = (
-                    (R[None, :] <= grid[:, None]).mean(1)
-                    if cdf
-                    else (R[None, :] >= grid[:, None]).mean(1)
-                )
-                k = "" if r["k"] in (1, 16) else f" k={r['k']}"
-                label = f"{r['method']}{k} seed {r['seed']}"
+                if cdf:
+                    y = (R[None, :] <= grid[:, None]).mean(1)
+                else:  # certified accuracy: correct and radius >= r (certify.summarize)
+                    y = (ok[None, :] & (R[None, :] >= grid[:, None])).mean(1)
+                k = "" if r["method"] == "cohen" or r["k"] == 16 else f" k={r['k']}"
+                label = f"{r['method']}{k} seed {r['seed']} ({len(got)} images)"
                 ax.plot(grid, y, color=colour(r), linestyle=style[r["seed"] % 4], label=label)
             ax.set(title=f"sigma = {sigma}", xlabel="radius r")
             ax.set_ylabel("share of images with radius <= r" if cdf else "certified accuracy")
