@@ -157,11 +157,13 @@ class Smooth:
 
     def _noisy_logits(self, x, num, batch_size, generator):
         """The logits (b, K) of f at x + eta, eta ~ N(0, sigma^2 I), in batches of batch_size."""
-        D, device, dtype = x.shape, x.device, x.dtype
+        like_x = dict(device=x.device, dtype=x.dtype, generator=generator)
         for start in range(0, num, batch_size):
             b = min(batch_size, num - start)
-            eta = lambda b=b: torch.randn((b, *D), device=device, dtype=dtype, generator=generator)
-            yield classify(self, lambda eta=eta: x + self.sigma * eta())  # (b, *D)
+            with explained_errors(x):  # out of memory, or a network that rejects x's shape
+                eta = torch.randn((b, *x.shape), **like_x)
+                logits = self.base_classifier(x + self.sigma * eta).float()  # x broadcast: (b, *D)
+            yield check_logits(logits, b, self.num_classes, x)
 
 
 # ---------------------------------------------------------------- the metrics of Section 5
@@ -241,30 +243,30 @@ def check_call(smooth, x, alpha, batch_size, bound="clopper-pearson", **counts):
             m.training = mode
 
 
-def classify(smooth, make_batch):
-    """The base classifier's float32 logits (b, K) on the batch that make_batch() draws, with
-    errors explained: lower the batch when out of memory, check the input's shape when the
-    network rejected it."""
+@contextlib.contextmanager
+def explained_errors(x):
+    """A RuntimeError from drawing the noise or from the base classifier, with what to do: lower
+    the batch when out of memory, check the input's shape when the network rejected it."""
     try:
-        batch = make_batch()
-        logits = smooth.base_classifier(batch).float()
+        yield
     except RuntimeError as e:
         if out_of_memory(e):
             raise MemoryError("out of memory on a batch of noisy samples: lower batch_size") from e
         if any(w in str(e).lower() for w in ("shape", "size", "dimension", "expected")):
             first = str(e).strip().splitlines()[0][:200]
-            raise ValueError(f"the base classifier failed ({first}): {shape_hint(batch)}") from e
+            raise ValueError(f"the base classifier failed ({first}): {shape_hint(x)}") from e
         raise
-    if logits.shape != (len(batch), smooth.num_classes):
-        raise ValueError(
-            f"the base classifier gave logits {tuple(logits.shape)}: {shape_hint(batch)}"
-        )
+
+
+def check_logits(logits, b, K, x):
+    if logits.shape != (b, K):
+        raise ValueError(f"the base classifier gave logits {tuple(logits.shape)}: {shape_hint(x)}")
     return logits
 
 
-def shape_hint(batch):
+def shape_hint(x):
     return (
-        f"pass one input x without a batch dimension (x has shape {tuple(batch.shape[1:])}), and "
+        f"pass one input x without a batch dimension (x has shape {tuple(x.shape)}), and "
         "num_classes equal to the classifier's number of outputs"
     )
 

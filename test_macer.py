@@ -62,6 +62,7 @@ def test_noisy_copies_are_iid_gaussian_around_each_input():
     n, k, sigma = 8, 8, 0.37
     x = torch.rand(n, 3, 16, 16)
     eta = noisy_copies(x, k, sigma).view(n, k, -1) - x.view(n, 1, -1)  # (n*k, C, H, W) -> (n, k, D)
+    assert eta.shape == (n, k, 3 * 16 * 16)
     assert_iid_normal(eta.view(n * k, -1), sigma)  # (n, k, D) -> (n*k, D)
 
 
