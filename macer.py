@@ -12,9 +12,8 @@ The loss of Eq. 17 / Algorithm 1 on a batch of n inputs, each seen through k Gau
     xi_hat_i        = PhiInv(z_hat_beta^{y_i}(x_i)) - PhiInv(z_hat_beta^{y_hat_i}(x_i)) (line 8)
 
 Eq. 17 as printed has one z_hat in both terms; Section 5.3 and the authors' code apply beta to the
-robustness term only, and so does this file. sigma/2 * xi_hat is a k-sample estimate of the
-Soft-RS radius of Eq. 16, not a certified radius (certify.py certifies), and the hinge pushes it
-towards sigma/2 * gamma. This file needs torch only: paste it, or macer_loss alone, anywhere.
+robustness term only, as here. sigma/2 * xi_hat estimates Eq. 16's Soft-RS radius from k samples;
+it is not certified (certify.py certifies). Needs torch only: paste it, or macer_loss alone.
 
     x_noisy = noisy_copies(x, k, sigma)                      # (n*k, C, H, W)
     logits = model(x_noisy).view(len(x), k, -1)              # (n*k, K) -> (n, k, K)
@@ -38,9 +37,7 @@ def noisy_copies(x, k, sigma, noise=None):
     is drawn on x's device.
     """
     if not (isinstance(k, int) and k >= 1 and math.isfinite(sigma) and sigma > 0):
-        raise ValueError(
-            f"noisy_copies needs an integer k >= 1 and a finite sigma > 0: {k}, {sigma}"
-        )
+        raise ValueError(f"noisy_copies needs an integer k >= 1 and a finite sigma > 0: {k, sigma}")
     n, D = x.shape[0], x.shape[1:]
     x_rep = x.unsqueeze(1).expand(n, k, *D).reshape(n * k, *D)  # (n, k, *D) -> (n*k, *D)
     if noise is None:
@@ -65,25 +62,20 @@ def macer_loss(logits, targets, sigma, lbd, gamma, beta):
     for the network. The gradient is exactly 0 outside G and beyond gamma, and never NaN while the
     logits' gaps are finite (in float32, max - min below 3.4e38). An empty batch gives zeros.
     """
-    if logits.dim() != 3 or logits.shape[1] == 0:
+    if logits.dim() != 3 or logits.shape[1] == 0 or targets.shape != logits.shape[:1]:
         raise ValueError(
-            f"logits must be (n, k >= 1, K), not {tuple(logits.shape)}: .view(n, k, -1)"
+            f"need logits (n, k >= 1, K) and targets (n,): {logits.shape, targets.shape}"
+        )
+    finite = all(map(math.isfinite, (sigma, lbd, gamma, beta)))
+    if targets.dtype != torch.long or not (finite and min(sigma, gamma, beta) > 0 <= lbd):
+        raise ValueError(
+            f"need int64 targets, finite sigma, gamma, beta > 0, lbd >= 0: {targets.dtype}, "
+            f"{sigma=}, {gamma=}, {beta=}, {lbd=}"
         )
     n, k, K = logits.shape
-    if targets.shape != (n,) or targets.dtype != torch.long:
-        raise ValueError(
-            f"targets must be int64 of shape ({n},), not {targets.dtype} {tuple(targets.shape)}"
-        )
-    if not (
-        all(map(math.isfinite, (sigma, lbd, gamma, beta))) and min(sigma, gamma, beta) > 0 <= lbd
-    ):
-        raise ValueError(
-            f"need finite sigma, gamma, beta > 0, lbd >= 0: {sigma}, {gamma}, {beta}, {lbd}"
-        )
     logits = logits if logits.dtype == torch.float64 else logits.float()
     if n == 0:  # an empty shard or filtered batch: zeros, still attached to the graph
-        zero = logits.sum() * 0
-        return zero, zero, zero
+        return (logits.sum() * 0,) * 3
 
     # Line 5 at beta = 1, for the classification term:
     # log z_hat^c = log (1/k) sum_j softmax(u_ij)^c = logsumexp_j log_softmax(u_ij)^c - log k.
@@ -105,19 +97,16 @@ def macer_loss(logits, targets, sigma, lbd, gamma, beta):
     one_minus_z_y = z_hat_beta.masked_fill(is_y, 0.0).sum(dim=1)  # (n,)
 
     def xi_hat(where):  # line 8 on the inputs `where`; the others see PhiInv(1/2) = 0, finite
-        half = torch.full_like(z_runner_up, 0.5)
-        return -torch.special.ndtri(torch.where(where, one_minus_z_y, half)) - torch.special.ndtri(
-            torch.where(where, z_runner_up, half)
-        )
+        PhiInv = lambda p: torch.special.ndtri(torch.where(where, p, 0.5))
+        return -PhiInv(one_minus_z_y) - PhiInv(z_runner_up)
 
     # The hinge max(gamma - xi_hat, 0) in two passes. PhiInv' = 1 / phi(PhiInv) is inf far
     # outside the hinge region, where the hinge's zero gradient would become 0 * inf = NaN; so
     # the first pass, without gradients, finds the region, and only its inputs are differentiated.
-    finite = (
-        in_G & (0 < one_minus_z_y) & (one_minus_z_y < 1) & (0 < z_runner_up) & (z_runner_up < 1)
-    )
+    inside = lambda p: (0 < p) & (p < 1)  # where PhiInv is finite
+    defined = in_G & inside(one_minus_z_y) & inside(z_runner_up)
     with torch.no_grad():
-        active = finite & (xi_hat(finite) < gamma)
+        active = defined & (xi_hat(defined) < gamma)
     hinge = torch.where(active, gamma - xi_hat(active), torch.zeros_like(z_runner_up))  # (n,)
     # Line 9 / Eq. 17: both terms are divided by n, the whole batch, not by |G|.
     loss_rob = lbd * sigma / 2 * hinge.sum() / n

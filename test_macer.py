@@ -291,7 +291,7 @@ def test_macer_loss_rejects_bad_arguments_and_takes_an_empty_batch():
         with pytest.raises(ValueError, match=r"\(n, k >= 1, K\)"):
             macer_loss(bad_logits, y, 0.25, 1.0, 8.0, 16.0)
     for bad_y in (y.int(), y.view(2, 1), y.float()):  # int32, (n, 1), float targets: one line
-        with pytest.raises(ValueError, match="targets must be int64 of shape"):
+        with pytest.raises(ValueError, match="need .*int64 targets|targets \\(n,\\)"):
             macer_loss(torch.randn(2, 3, 10), bad_y, 0.25, 1.0, 8.0, 16.0)
     for k, sigma in ((0, 0.25), (-1, 0.25), (2, math.nan), (2, 0.0)):
         with pytest.raises(ValueError, match="noisy_copies needs"):
