@@ -1,14 +1,14 @@
-"""The datasets: one table of per-dataset facts, and readers for their on-disk formats (MNIST's IDX,
-CIFAR-10's python batches, SVHN's .mat, an ImageFolder for ImageNet). Images come out in [0, 1]
-pixel space, where the noise of randomized smoothing lives. train.py and certify.py both read data
-through this file.
+"""The datasets: one table of per-dataset facts, and their readers: MNIST's IDX files here (gzipped
+or not, as Debian's Fashion-MNIST is), CIFAR-10, SVHN and ImageNet's folders through torchvision.
+Images come out in [0, 1] pixel space, where the noise of randomized smoothing lives.
 """
 
+import contextlib
 import gzip
 import hashlib
 import os
-import pickle
 import struct
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -178,20 +178,15 @@ def checked(x, y, name, where):
 def read_idx(path):
     """An IDX file (MNIST's format), gzipped or not, as a uint8 tensor."""
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        gz = path.endswith(".gz")
+        with (gzip.open if gz else open)(path, "rb") as f:
             data = f.read()
-    except (
-        OSError,
-        EOFError,
-        zlib.error,
-    ) as e:  # not gzip (BadGzipFile is an OSError), or cut short
+    except (OSError, EOFError, zlib.error) as e:  # not gzip (BadGzipFile is an OSError), or cut
         raise ValueError(
-            f"{path} is not a complete gzip file ({type(e).__name__}); download it again"
+            f"{path} is not a complete {'gzip ' * gz}file ({type(e).__name__}); download it again"
         ) from None
-    ndim = data[3] if len(data) >= 4 and data[:3] == b"\0\0\x08" else 0
-    shape = (
-        struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else ()
-    )
+    ndim = data[3] if len(data) >= 4 and data[:3] == b"\0\0\x08" else 0  # magic: uint8, ndim
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else ()
     if not ndim or len(data) != 4 + 4 * ndim + torch.Size(shape).numel():
         raise ValueError(f"{path} is not a complete uint8 IDX file; download it again")
     return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).view(*shape)
@@ -208,110 +203,57 @@ def load_idx(name, data_dir, train):
     DATA_DIR/<Name>/raw, then Debian's dataset-fashion-mnist folder; else torchvision's download.
     Train and test come from the same place."""
     folder, system_dir = IDX[name]
-    prefix = "train" if train else "t10k"
-    names = [
-        f"{p}-{s}-idx{d}-ubyte"
-        for p in ("train", "t10k")
-        for s, d in (("images", 3), ("labels", 1))
-    ]
     places = [os.path.join(data_dir, folder, "raw")] + ([system_dir] if system_dir else [])
-    find = lambda place, f: next(
-        (
-            os.path.join(place, f + e)
-            for e in ("", ".gz")
-            if os.path.exists(os.path.join(place, f + e))
-        ),
-        None,
-    )
+    names = [f"{p}-{s}-ubyte" for p in ("train", "t10k") for s in ("images-idx3", "labels-idx1")]
     for place in places:
-        found = {f: find(place, f) for f in names}
+        found = {
+            f: [p for p in (f, f + ".gz") if os.path.exists(os.path.join(place, p))] for f in names
+        }
         if not any(found.values()):
             continue
-        missing = [f for f in names if found[f] is None]
-        if missing:
-            raise ValueError(
-                f"{place} lacks {', '.join(missing)}; put all four IDX files of {name} there"
-            )
+        if missing := [f for f in names if not found[f]]:
+            raise ValueError(f"{place} lacks {', '.join(missing)}; put all four IDX files there")
         x, y = (
-            read_idx(found[f"{prefix}-images-idx3-ubyte"]),
-            read_idx(found[f"{prefix}-labels-idx1-ubyte"]),
+            read_idx(os.path.join(place, found[f][0])) for f in (names[:2] if train else names[2:])
         )
-        return checked(
-            x.unsqueeze(1), y, name, f"{place} ({prefix})"
-        )  # (N, 28, 28) -> (N, 1, 28, 28)
-    download(
-        name,
-        data_dir,
-        places[0] + (" or run `apt-get install dataset-fashion-mnist`" if system_dir else ""),
-    )
+        return checked(x.unsqueeze(1), y, name, place)  # (N, 28, 28) -> (N, 1, 28, 28)
+    import torchvision
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            for split in (True, False):
+                getattr(torchvision.datasets, folder)(data_dir, train=split, download=True)
+    except Exception:
+        where = places[0] + (" or run `apt-get install dataset-fashion-mnist`" * bool(system_dir))
+        raise ValueError(
+            f"{name} was not found and could not be downloaded; put it in {where}"
+        ) from None
     return load_idx(name, data_dir, train)
 
 
-def download(name, data_dir, where):
-    """torchvision's download, or a ValueError that says where to put the files."""
-    import contextlib
-    import sys
+def load_torchvision(name, data_dir, train):
+    """CIFAR-10 (DATA_DIR/cifar-10-batches-py) or SVHN (DATA_DIR/{train,test}_32x32.mat) through
+    torchvision, which checks the files' MD5 sums; missing or corrupt files are downloaded."""
+    from torchvision.datasets import CIFAR10, SVHN
 
-    import torchvision
-
-    cls = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "svhn": "SVHN"}[
-        name
-    ]
+    cls, split = (CIFAR10, dict(train=train)) if name == "cifar10" else (SVHN, {})
+    split = split or dict(split="train" if train else "test")
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            for split in (
-                ({"split": "train"}, {"split": "test"})
-                if name == "svhn"
-                else ({"train": True}, {"train": False})
-            ):
-                getattr(torchvision.datasets, cls)(data_dir, download=True, **split)
-    except Exception:
-        raise ValueError(
-            f"{name} was not found and could not be downloaded; put its files in {where}"
-        ) from None
-
-
-def load_cifar10(data_dir, train):
-    """CIFAR-10's python batches in DATA_DIR/cifar-10-batches-py (the layout torchvision writes)."""
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
-    if not os.path.isdir(folder):
-        download("cifar10", data_dir, folder)
-    xs, ys = [], []
-    for f in [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]:
-        path = os.path.join(folder, f)
-        try:
-            with open(path, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
-            xs.append(
-                torch.as_tensor(batch["data"], dtype=torch.uint8).view(-1, 3, 32, 32)
-            )  # (N, 3072) -> (N, 3, 32, 32)
-            ys.append(torch.as_tensor(batch["labels"]))
-        except Exception as e:
-            raise ValueError(
-                f"{path} is missing or not a CIFAR-10 python batch ({type(e).__name__}); "
-                "download cifar-10-python.tar.gz and unpack it in --data-dir"
-            ) from None
-    return checked(torch.cat(xs), torch.cat(ys), "cifar10", folder)
-
-
-def load_svhn(data_dir, train):
-    """SVHN's cropped digits, DATA_DIR/{train,test}_32x32.mat; label 10 stands for digit 0."""
-    import scipy.io
-
-    path = os.path.join(data_dir, f"{'train' if train else 'test'}_32x32.mat")
-    if not os.path.exists(path):
-        download("svhn", data_dir, data_dir)
-    try:
-        mat = scipy.io.loadmat(path)
-        x = (
-            torch.from_numpy(mat["X"]).permute(3, 2, 0, 1).contiguous()
-        )  # (H, W, C, N) -> (N, C, H, W)
-        y = torch.from_numpy(mat["y"].astype("int64")).flatten() % 10  # (N, 1) -> (N,); 10 -> 0
+            try:
+                ds = cls(data_dir, **split)
+            except RuntimeError:  # missing, or not the official file
+                ds = cls(data_dir, download=True, **split)
     except Exception as e:
         raise ValueError(
-            f"{path} is not SVHN's .mat file ({type(e).__name__}); download it again"
+            f"{name} is missing from {data_dir} or corrupt, and could not be downloaded "
+            f"({type(e).__name__}); put torchvision's files of {name} there"
         ) from None
-    return checked(x, y, "svhn", path)
+    if name == "cifar10":  # (N, H, W, C) -> (N, C, H, W)
+        x, y = torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous(), ds.targets
+    else:  # SVHN's is (N, C, H, W) already, with label 10 made 0
+        x, y = torch.as_tensor(ds.data), ds.labels
+    return checked(x, torch.as_tensor(y), name, data_dir)
 
 
 def load_dataset(name, data_dir, train, augment=True):
@@ -320,10 +262,8 @@ def load_dataset(name, data_dir, train, augment=True):
     dataset_facts(name)
     if name in IDX:
         return load_idx(name, data_dir, train)
-    if name == "cifar10":
-        return load_cifar10(data_dir, train)
-    if name == "svhn":
-        return load_svhn(data_dir, train)
+    if name in ("cifar10", "svhn"):
+        return load_torchvision(name, data_dir, train)
     import torchvision
     import torchvision.transforms as T
 

@@ -171,7 +171,7 @@ def toy_settings(**change):
 def cert(out, indices, log=QUIET, overwrite=False, images=None, smooth=None, **change):
     settings = toy_settings(**change)
     smooth = smooth or Smooth(Stub(), 2, settings["sigma"])
-    return records.certify_into(
+    return certify.certify_into(
         str(out),
         smooth,
         images or toy_set(),
@@ -226,15 +226,15 @@ def test_compare_names_the_settings_that_differ_and_refuses_other_test_sets(tmp_
         write_tsv(path, [(0, 1, 1, 0.1), (1, 2, 2, 0.1)])
         record = dict(toy_settings(n=n), dataset="toy", test_set_sha256="x")
         Path(records.settings_path(str(path))).write_text(json.dumps(record))
-    (pair,) = records.compare([str(a), str(b)])["pairs"]
+    (pair,) = certify.compare([str(a), str(b)])["pairs"]
     assert pair["notes"] == ["A and B differ in n: 200 against 2000"]
-    assert "note: A and B differ in n" in records.format_comparison(
-        records.compare([str(a), str(b)])
+    assert "note: A and B differ in n" in certify.format_comparison(
+        certify.compare([str(a), str(b)])
     )
     record["test_set_sha256"] = "y"
     Path(records.settings_path(str(b))).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="other test sets"):
-        records.compare([str(a), str(b)])
+        certify.compare([str(a), str(b)])
 
 
 def test_results_made_with_other_settings_are_never_mixed(tmp_path):
@@ -284,6 +284,29 @@ def test_a_cut_off_last_row_is_dropped_and_certified_again(tmp_path):
     assert Path(out).read_text().endswith("\n")
 
 
+def test_a_crlf_file_without_its_last_newline_keeps_every_row(tmp_path):
+    """As a Windows editor saves it: CRLF line ends, no newline after the last row. Every row is
+    kept, none is certified again, and the new rows follow on lines of their own."""
+    out = tmp_path / "r.tsv"
+    cert(out, [0, 1, 2, 3])
+    Path(out).write_bytes(Path(out).read_bytes().replace(b"\n", b"\r\n").rstrip(b"\r\n"))
+    lines = []
+    assert cert(out, [0, 1, 2, 3, 4], log=lines.append)["n"] == 5
+    assert "resuming" in lines[0] and "4 inputs done, 1 to go" in lines[0]
+    assert [r["idx"] for r in records.read_tsv(str(out))] == [0, 1, 2, 3, 4]
+
+
+def test_a_huge_radius_is_written_with_its_digits_and_read_back(tmp_path):
+    """At sigma 1e300 the radius (about 2.6e300 here) is written exactly, not overflowing the
+    rounding down to 5 decimals, and reads back as the certificate."""
+    out = tmp_path / "r.tsv"
+    cert(out, [1], sigma=1e300)
+    (row,) = records.read_tsv(str(out))
+    R = certify.largest_radius(1e300, 100, 0.001, "clopper-pearson")  # every sample agrees
+    assert row["radius"] == R == pytest.approx(1e300 * norm.ppf(0.001 ** (1 / 100)), rel=1e-9)
+    assert row["predict"] == 1 and certify.read_rows(str(out)) == [row]
+
+
 def test_an_empty_results_file_is_started_and_a_corrupt_one_refused(tmp_path):
     out = tmp_path / "r.tsv"
     out.write_text("")  # a kill during the first image
@@ -330,10 +353,10 @@ def test_every_row_is_checked_against_its_settings_and_the_test_set(tmp_path, fi
         cert(out, [1, 3, 5])
     if field != "idx":  # without the test set, idx 99 is a valid row
         with pytest.raises(ValueError, match="line 3"):
-            records.read_tsv(str(out))
+            certify.read_rows(str(out))
     if field == "radius":
         with pytest.raises(ValueError, match="line 3"):
-            records.compare([str(out), str(out)])
+            certify.compare([str(out), str(out)])
 
 
 def test_settings_and_paths_that_are_not_results_files_are_never_written(tmp_path):
@@ -419,7 +442,7 @@ def test_compare_against_a_hand_computed_case(tmp_path):
     write_tsv(
         b, [(0, 1, 1, 0.8), (1, 2, 2, 0.3), (2, 3, 3, 0.1)], time="0:00:03.14"
     )  # Cohen et al.'s time column
-    (c,) = records.compare([str(a), str(b)], resamples=4000)["pairs"]
+    (c,) = certify.compare([str(a), str(b)], resamples=4000)["pairs"]
     assert (
         c["n"] == 3
         and c["acr_a"] == pytest.approx(0.8 / 3)
@@ -432,16 +455,16 @@ def test_compare_against_a_hand_computed_case(tmp_path):
     assert [c["cert_acc_diff"][r] for r in (0.0, 0.25, 0.5, 0.75, 1.0)] == pytest.approx(
         [1 / 3, 0, 0, 1 / 3, 0]
     )
-    assert records.compare([str(a), str(b)], resamples=4000)["pairs"][0] == c  # seeded
+    assert certify.compare([str(a), str(b)], resamples=4000)["pairs"][0] == c  # seeded
     assert records.read_tsv(str(b))[0]["time"] == pytest.approx(3.14)
-    (same,) = records.compare([str(a), str(a)])["pairs"]
+    (same,) = certify.compare([str(a), str(a)])["pairs"]
     assert same["diff"] == 0 and same["ci"] == (0.0, 0.0)
     write_tsv(tmp_path / "c.tsv", [(99, 1, 1, 0.5)])
     with pytest.raises(ValueError, match="share no inputs"):
-        records.compare([str(a), str(tmp_path / "c.tsv")])
+        certify.compare([str(a), str(tmp_path / "c.tsv")])
     write_tsv(tmp_path / "d.tsv", [(0, 4, 4, 0.5)])
     with pytest.raises(ValueError, match="disagree on the label of input 0"):
-        records.compare([str(a), str(tmp_path / "d.tsv")])
+        certify.compare([str(a), str(tmp_path / "d.tsv")])
 
 
 def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
@@ -455,7 +478,7 @@ def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
         for side, rows in (("a", rows_a), ("b", rows_b)):
             write_tsv(tmp_path / f"{side}{j}.tsv", rows)
             paths.append(str(tmp_path / f"{side}{j}.tsv"))
-    c = records.compare(paths, resamples=4000)
+    c = certify.compare(paths, resamples=4000)
     assert [p["diff"] for p in c["pairs"]] == pytest.approx([0.0, 0.3, 0.6])
     assert all(
         p["ci"] == pytest.approx((p["diff"], p["diff"])) for p in c["pairs"]
@@ -465,25 +488,25 @@ def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
         0.6, abs=1e-9
     )  # 3 seeds' extremes
     assert c["acr_b"]["mean"] == pytest.approx(0.8) and c["acr_b"]["sd"] == pytest.approx(0.3)
-    text = records.format_comparison(c)
+    text = certify.format_comparison(c)
     assert "two-level" in text and "pair 3" in text
 
 
 def test_the_bootstrap_draws_in_blocks_and_gives_the_same_means():
     d = np.random.default_rng(1).normal(size=500)
-    whole = records.bootstrap_means(d, 300, np.random.default_rng(7))
-    blocks = records.bootstrap_means(
+    whole = certify.bootstrap_means(d, 300, np.random.default_rng(7))
+    blocks = certify.bootstrap_means(
         d, 300, np.random.default_rng(7), block=1000
     )  # 2 resamples per block
     np.testing.assert_array_equal(whole, blocks)
     t0 = time.time()
-    big = records.bootstrap_means(np.ones(50_000), 200, np.random.default_rng(0))
+    big = certify.bootstrap_means(np.ones(50_000), 200, np.random.default_rng(0))
     assert (big == 1).all() and time.time() - t0 < 60
 
 
 def test_a_missing_tsv_is_left_out_of_the_plot_with_a_warning(tmp_path, capsys):
     write_tsv(tmp_path / "a.tsv", [(0, 1, 1, 0.6), (1, 1, 0, 0.0)])
-    drawn = records.curves(
+    drawn = certify.curves(
         [
             dict(name="here", sigma=0.25, tsv=str(tmp_path / "a.tsv")),
             dict(name="moved", sigma=0.25, tsv=str(tmp_path / "gone.tsv")),
@@ -496,7 +519,7 @@ def test_a_missing_tsv_is_left_out_of_the_plot_with_a_warning(tmp_path, capsys):
 
 
 def test_the_table_title_is_never_cut():
-    table = records.format_table(
+    table = certify.format_table(
         certify.summarize([dict(label=1, predict=1, radius=0.2)]), "fashion-mnist s=0.125"
     )
     assert "fashion-mnist s=0.125 " in table
@@ -975,10 +998,10 @@ def write_setting(dataset, root, val_images=8):
         (root / "cifar-10-batches-py").mkdir()
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
             x, y = images(16, (3, 32, 32))
-            with open(root / "cifar-10-batches-py" / name, "wb") as f:
-                pickle.dump(
-                    {"data": x.reshape(16, -1), "labels": y.tolist()}, f
-                )  # (N, 3, 32, 32) -> (N, 3072)
+            batch = {"data": x.reshape(16, -1), "labels": y.tolist()}  # (N, 3, 32, 32) -> (N, 3072)
+            (root / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(batch))
+        meta = {"label_names": [str(c) for c in range(10)]}
+        (root / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps(meta))
     elif dataset == "svhn":
         import scipy.io
 
@@ -996,6 +1019,19 @@ def write_setting(dataset, root, val_images=8):
             for i, (img, c) in enumerate(zip(x, y, strict=True)):
                 (root / split / f"n0{c}").mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img).save(root / split / f"n0{c}" / f"{i:03d}.JPEG")
+
+
+def test_cifar10_and_svhn_files_that_fail_their_md5_are_refused_in_one_sentence(
+    tmp_path, monkeypatch
+):
+    """torchvision checks the official MD5 sums: files in the right format but not the official
+    ones (here the synthetic ones), with no download possible, end in one sentence."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no download
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    for dataset in ("cifar10", "svhn"):
+        write_setting(dataset, tmp_path / dataset)
+        with pytest.raises(ValueError, match=f"{dataset} is missing from .* or corrupt"):
+            data.load_dataset(dataset, str(tmp_path / dataset), train=False)
 
 
 def test_imagenet_honours_train_subset_and_augment(tmp_path):
@@ -1016,9 +1052,16 @@ def test_imagenet_honours_train_subset_and_augment(tmp_path):
     "dataset, arch",
     [("mnist", "lenet"), ("cifar10", "resnet20"), ("svhn", "resnet20"), ("imagenet", "resnet50")],
 )
-def test_the_four_paper_settings_end_to_end(dataset, arch, tmp_path):
+def test_the_four_paper_settings_end_to_end(dataset, arch, tmp_path, monkeypatch):
     """Each setting's reader on files in its real format, a few MACER steps, a checkpoint, and
-    certify.py on two test images; for ImageNet, the protocol's own choice: every 100th image."""
+    certify.py on two test images; for ImageNet, the protocol's own choice: every 100th image.
+    torchvision checks CIFAR-10's and SVHN's files against the official MD5 sums, which these
+    synthetic files cannot match: here that check asks only that the file exists."""
+    import torchvision.datasets
+
+    exists = lambda path, md5=None: os.path.isfile(path)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", exists)
+    monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", exists)
     root = tmp_path / "data"
     write_setting(dataset, root, val_images=201)
     out = tmp_path / "run"
@@ -1409,7 +1452,7 @@ def test_hand_edited_files_and_arguments_end_in_one_sentence(tmp_path):
     for record in ({}, dict(toy_settings(), n="100"), dict(toy_settings(), bound="wilson")):
         Path(records.settings_path(str(a))).write_text(json.dumps(record))
         with pytest.raises(ValueError, match="edited|lacks"):
-            records.compare([str(a), str(b)])
+            certify.compare([str(a), str(b)])
     Path(b).write_bytes(Path(b).read_bytes().replace(b"idx", b"\xefdx"))
     with pytest.raises(ValueError, match="b.tsv is not a results file"):
         records.read_tsv(str(b))
@@ -1472,6 +1515,7 @@ def test_certify_rejects_bad_input(lenet_ckpt, tiny_fmnist, tmp_path, monkeypatc
         (["--max", "0"], "--max"),  # zero is refused, never read as the default
         (["--skip", "0"], "--skip"),
         (["--batch", "0"], "--batch"),
+        (["--start", "10000"], "--start 10000 is past the"),  # no image left to certify
     ]:
         assert words in one_line_error(certify.main, base + flags), flags
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: say so before certifying
