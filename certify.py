@@ -1,24 +1,21 @@
 """Randomized smoothing: Hard-RS (Cohen et al., 2019) and Soft-RS (MACER, Appendix A, Algorithm 2).
 
-The smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), is certified
-around x with radius sigma * PhiInv(p_A_low), where p_A_low is a 1 - alpha lower confidence bound
-on the top class's probability (Theorem 1; Eq. 20 for Soft-RS, with z = softmax(beta * u)).
+g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), is certified around x with radius
+sigma * PhiInv(p_A_low), p_A_low a 1 - alpha lower confidence bound on the top class's probability
+(Theorem 1; Eq. 20 for Soft-RS). The paper ends at summarize(); the checks and --help follow.
 
-    smooth = Smooth(model, num_classes=10, sigma=0.25)
-    label, radius = smooth.certify(x, n0=100, n=100_000, alpha=0.001, batch_size=400)
-
-The paper ends at summarize(); Smooth's checks and the command line (--help) follow it.
+    label, radius = Smooth(model, 10, sigma=0.25).certify(x, 100, 100_000, 0.001, batch_size=400)
 """
 
 import argparse
 import contextlib
-import datetime
 import math
-import numbers
 import os
 import sys
+import time
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -26,6 +23,7 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 
 import data
+import records
 
 RADII = [0.25 * i for i in range(10)]  # the paper's grid r = 0, 0.25, ..., 2.25
 BOUNDS = ("clopper-pearson", "hoeffding", "bernstein")
@@ -65,12 +63,10 @@ def radius(p_A_low, sigma, p_B_up=None):
 
 # ---------------------------------------------------------------- the smoothed classifier
 class Smooth:
-    """g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), around the base classifier f,
-    which maps (b, *D) inputs in [0, 1] pixel space to (b, num_classes) logits; beta is Soft-RS's
-    inverse temperature. The noise is drawn on `device` (default: the classifier's, else the
-    input's), from `generator` where a method takes one (default: torch's global one). A sample
-    whose logits are not all finite votes for no class. Each call restores the classifier's
-    train/eval modes; bad arguments raise ValueError (check_call)."""
+    """g around the base classifier f: (b, *D) inputs in [0, 1] pixel space -> (b, num_classes)
+    logits; beta is Soft-RS's inverse temperature. The noise is drawn on `device` (default: f's,
+    else the input's), from `generator` (default: torch's). A sample with a non-finite logit votes
+    for no class. Each call restores f's train/eval modes; bad arguments raise ValueError."""
 
     ABSTAIN = -1
 
@@ -85,10 +81,8 @@ class Smooth:
         binomial test says the top two counts differ at level alpha."""
         with check_call(self, x, alpha, batch_size, n=n) as x:
             counts = self._counts(x, n, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n, sigma)
-        *counts, bad = counts.tolist()
-        warn_nonfinite(bad, n)
-        c_A, c_B = sorted(range(self.num_classes), key=lambda c: -counts[c])[:2]  # top two
-        n_A, n_B = counts[c_A], counts[c_B]
+        warn_nonfinite(int(counts[-1]), n)  # the samples that voted for no class
+        (n_A, n_B), (c_A, _) = (t.tolist() for t in counts[:-1].topk(2))  # the top two counts
         if n_A > 0 and binomtest(n_A, n_A + n_B, 0.5).pvalue <= alpha:  # BINOMPVALUE <= alpha
             return c_A
         return Smooth.ABSTAIN
@@ -99,37 +93,26 @@ class Smooth:
         Algorithm 2, on z = softmax(beta * u). c_A is chosen from n0 selection samples; its
         probability is bounded from n fresh estimation samples, so the bound holds."""
         with check_call(self, x, alpha, batch_size, n0=n0, n=n, bound=bound) as x:
-            if bound == "clopper-pearson":
-                c_A, p_A_low, bad = self._certify_hard(x, n0, n, alpha, batch_size, generator)
-            else:
-                c_A, p_A_low, bad = self._certify_soft(
-                    x, n0, n, alpha, batch_size, generator, bound
-                )
+            if bound == "clopper-pearson":  # Cohen et al.'s CERTIFY
+                counts0 = self._counts(x, n0, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n0)
+                c_A = int(counts0[:-1].argmax())  # c_A <- top index in counts0
+                counts = self._counts(x, n, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n)
+                n_A, bad = counts[[c_A, -1]].tolist()  # the count of c_A; of non-finite samples
+                p_A_low = clopper_pearson_lower(n_A, n, alpha)  # LOWERCONFBOUND(n_A, n, 1 - alpha)
+            else:  # Algorithm 2's CERTIFYHOEFFDING and CERTIFYBERNSTEIN
+                z_hat_0 = self._moments(x, n0, batch_size, generator)[0] / n0  # SAMPLEUNDERNOISE
+                c_A = int(z_hat_0.argmax())  # c_A <- argmax_c z_hat_0^c
+                A = self._moments(x, n, batch_size, generator)  # A <- SAMPLEUNDERNOISE(z, x, n)
+                A_1, A_2, bad = A[:, c_A].tolist()  # A[1, c_A], A[2, c_A]; non-finite samples
+                z_hat_A = A_1 / n  # z_hat_A <- A[1, c_A] / n
+                if bound == "hoeffding":
+                    z_A_low = hoeffding_lower(z_hat_A, n, alpha)  # Eq. 23
+                else:
+                    z_A_low = bernstein_lower(z_hat_A, sample_variance(A_1, A_2, n), n, alpha)
+                p_A_low = z_A_low  # Eq. 20: z_A_low takes p_A_low's place in the radius
         warn_nonfinite(bad, n)
         R = radius(p_A_low, self.sigma)  # sigma * PhiInv(p_A_low) if p_A_low > 1/2, else abstain
         return (Smooth.ABSTAIN, 0.0) if R is None else (c_A, R)
-
-    def _certify_hard(self, x, n0, n, alpha, batch_size, generator):
-        """Cohen et al.'s CERTIFY(f, sigma, x, n0, n, alpha) up to the radius: (c_A, p_A_low,
-        bad)."""
-        counts0 = self._counts(x, n0, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n0, sigma)
-        c_A = int(counts0[:-1].argmax())  # c_A <- top index in counts0
-        counts = self._counts(x, n, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n, sigma)
-        n_A, bad = counts[[c_A, -1]].tolist()
-        return c_A, clopper_pearson_lower(n_A, n, alpha), bad  # LOWERCONFBOUND(n_A, n, 1 - alpha)
-
-    def _certify_soft(self, x, n0, n, alpha, batch_size, generator, bound):
-        """Algorithm 2's CERTIFYHOEFFDING and CERTIFYBERNSTEIN(z, sigma^2, x, n0, n, alpha) up to
-        the radius: (c_A, z_A_low, bad)."""
-        z_hat_0 = self._moments(x, n0, batch_size, generator)[0] / n0  # SAMPLEUNDERNOISE[1, :] / n0
-        c_A = int(z_hat_0.argmax())  # c_A <- argmax_c z_hat_0^c
-        A = self._moments(x, n, batch_size, generator)  # A <- SAMPLEUNDERNOISE(z, x, n, sigma^2)
-        A_1, A_2, bad = A[:, c_A].tolist()
-        z_hat_A = A_1 / n  # z_hat_A <- A[1, c_A] / n
-        if bound == "hoeffding":
-            return c_A, hoeffding_lower(z_hat_A, n, alpha), bad  # Eq. 23
-        S2_A = sample_variance(A_1, A_2, n)  # Eq. 25
-        return c_A, bernstein_lower(z_hat_A, S2_A, n, alpha), bad  # Eq. 26
 
     @torch.inference_mode()
     def _counts(self, x, num, batch_size, generator):
@@ -168,9 +151,8 @@ class Smooth:
 
 # ---------------------------------------------------------------- the metrics of Section 5
 def summarize(rows, grid=RADII):
-    """Approximate certified accuracy at each r in grid (correct and radius >= r) and the ACR
-    (mean radius, 0 for a wrong or abstained input), over the rows (dicts of label, predict,
-    radius)."""
+    """Approximate certified accuracy at each r in grid (correct and radius >= r) and the ACR (mean
+    radius, 0 for a wrong or abstained input) over rows, dicts of label, predict and radius."""
     credit = [(r["predict"] == r["label"], r["radius"]) for r in rows]
     n = max(len(rows), 1)
     cert_acc = {g: sum(c and R >= g for c, R in credit) / n for g in grid}
@@ -193,7 +175,7 @@ def is_number(v):
     """A real number: Python's, numpy's or a 0-d tensor's; never a bool."""
     return (
         not isinstance(v, bool)
-        and isinstance(v, (int, float, numbers.Real))
+        and isinstance(v, (int, float, np.integer, np.floating))
         or (
             isinstance(v, torch.Tensor)
             and v.dim() == 0
@@ -285,6 +267,276 @@ def out_of_memory(error):
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
+# ---------------------------------------------------------------- results files: rows, tables, plot
+def cap_of(settings):
+    """The largest radius a results file's settings record allows (inf without a record)."""
+    if settings is None:
+        return math.inf
+    try:
+        return largest_radius(*[settings[k] for k in ("sigma", "n", "alpha", "bound")]) or 0.0
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            "a settings record lacks a valid sigma, n, alpha or bound; it was edited: restore "
+            "it, or certify afresh with --overwrite"
+        ) from None
+
+
+def read_rows(path):
+    """A results TSV's rows, each radius checked against the largest its settings record allows."""
+    return records.read_tsv(path, records.row_check(cap_of(records.read_settings(path))))
+
+
+CERTIFY_ARGS = ("n0", "n", "alpha", "batch", "bound")  # Smooth.certify's, from the settings
+
+
+def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
+    """Certify dataset[i] for each i, appending one row per input to the open file fd, with a log
+    line."""
+    t_start = time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for j, i in enumerate(indices):
+            x, label = dataset[i]
+            t0 = time.time()
+            generator = records.input_generator(settings["seed"], i, smooth.device or x.device)
+            prediction, R = smooth.certify(x, *[settings[k] for k in CERTIFY_ARGS], generator)
+            dt = time.time() - t0
+            # Rounded down, so that a written radius never overclaims; from 1e10 on, R is a whole
+            # number in float64 and its digits are written exactly.
+            R_floor = math.floor(R * 1e5) / 1e5 if R < 1e10 else R
+            fields = (i, int(label), prediction, f"{R_floor:.5f}", int(prediction == int(label)))
+            line = "\t".join(map(str, fields)) + f"\t{dt:.3f}\n"
+            try:
+                records.append_line(fd, line)
+            except OSError as e:
+                raise ValueError(
+                    f"could not write to {out} ({e.strerror}); make room, then rerun to continue"
+                ) from None
+            eta = (time.time() - t_start) / (j + 1) * (len(indices) - j - 1)
+            note = "".join(f"  ({w.message})" for w in caught)
+            caught.clear()
+            log(
+                f"{who}[{j + 1:>4}/{len(indices)}] idx {i:>5}  label {int(label)}  predict "
+                f"{prediction:>2}  radius {R:.3f}  "
+                f"{'correct' if prediction == int(label) else 'wrong  '}  {dt:.2f}s  ETA "
+                f"{eta / 60:.1f} min{note}",
+                flush=True,
+            )
+
+
+def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, world=1, log=print):
+    """Certify dataset[i] for i in indices into the results file `out`, each process (rank of world)
+    taking every world-th input still missing. Returns, on rank 0, the summary of the rows among
+    `indices`, with `seconds`, the sum of their certification times."""
+    check = records.row_check(cap_of(settings), data.labels(dataset), smooth.num_classes)
+    state, f = [None], None
+    if rank == 0:
+        try:
+            f, rows, todo = records.open_results(out, settings, indices, check, overwrite, log)
+            state = [(len(rows), todo)]
+        except ValueError as e:
+            state = [str(e)]
+    if world > 1:
+        dist.broadcast_object_list(state, src=0)  # rank 0's verdict: no process certifies alone
+    if isinstance(state[0], str):
+        raise ValueError(state[0])
+    done, todo = state[0]
+    if rank == 0 and done:
+        log(f"resuming {out}: {done} inputs done, {len(todo)} to go")
+    mine = todo[rank::world]
+    fd = f.fileno() if f is not None else os.open(out, os.O_WRONLY | os.O_APPEND)
+    try:
+        certify_each(
+            out, fd, smooth, dataset, mine, settings, f"rank {rank}: " if world > 1 else "", log
+        )
+    finally:
+        if f is None:
+            os.close(fd)
+        else:
+            f.close()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return None
+    wanted = set(indices)
+    kept = [r for r in records.read_tsv(out, check) if r["idx"] in wanted]
+    return dict(summarize(kept), seconds=sum(r["time"] for r in kept))
+
+
+# ---------------------------------------------------------------- the table, the summary, the plot
+def format_table(summary, title=""):
+    """The paper's Table 1 layout: certified accuracy at each radius, then ACR."""
+    width = max(20, len(title) + 1)
+    head = f"{'':<{width}}" + "".join(f"{r:>7.2f}" for r in summary["cert_acc"]) + f"{'ACR':>8}"
+    row = (
+        f"{title:<{width}}"
+        + "".join(f"{a:>7.3f}" for a in summary["cert_acc"].values())
+        + f"{summary['acr']:>8.3f}"
+    )
+    return f"certified accuracy at radius r, over {summary['n']} inputs\n{head}\n{row}"
+
+
+def curves(runs, step=0.01):
+    """Figure 1's data: each run (a dict with tsv, name and sigma) with its certified accuracy at
+    radii 0, step, 2 step, ...; a missing TSV is left out with a warning, never drawn flat."""
+    out = []
+    for run in sorted(runs, key=lambda r: r["name"]):  # the same colours in every plot
+        if not os.path.exists(run["tsv"]):
+            print(f"warning: {run['tsv']} (run {run['name']}) is missing; its curve is left out")
+            continue
+        rows = read_rows(run["tsv"])
+        grid = [i * step for i in range(int(max([r["radius"] for r in rows] + [0.5]) / step) + 2)]
+        out.append(dict(run, radii=grid, cert_acc=list(summarize(rows, grid)["cert_acc"].values())))
+    return out
+
+
+def plot_curves(runs, png_path):
+    """Figure 1: approximate certified accuracy against radius, one curve per run, one panel per
+    sigma."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = curves(runs)
+    sigmas = sorted({r["sigma"] for r in drawn}) or [None]
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(4.5 * len(sigmas), 3.5), squeeze=False)
+    for ax, sigma in zip(axes[0], sigmas, strict=True):
+        for run in (r for r in drawn if r["sigma"] == sigma):
+            ax.plot(run["radii"], run["cert_acc"], label=run["name"])
+        ax.set(title=f"sigma = {sigma}", xlabel="radius r (l2, pixel space)")
+        ax.set(ylabel="certified accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    data.atomic_write(png_path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- paired comparison
+def bootstrap_means(d, resamples, rng, block=2**22):
+    """(resamples,) means of d resampled with replacement, drawn in blocks of about `block` indices
+    (50,000 inputs x 10,000 resamples at once would need 4 GB)."""
+    out = np.empty(resamples)
+    per = max(1, block // len(d))
+    for s in range(0, resamples, per):
+        r = min(per, resamples - s)
+        picks = rng.integers(0, len(d), (r, len(d)))  # (r, m) indices
+        out[s : s + r] = d[picks].mean(1)  # (r, m) -> (r,) means
+    return out
+
+
+COMPARED = ("sigma", "n0", "n", "alpha", "bound", "precision", "normalize")
+
+
+def differences(path_a, path_b):
+    """What the settings records of two results files say differently, as notes; ValueError where
+    they hold other test sets, whose images cannot be paired."""
+    a, b = records.read_settings(path_a, strict=False), records.read_settings(path_b, strict=False)
+    if a is None or b is None:
+        missing = [p for p, s in ((path_a, a), (path_b, b)) if s is None]
+        return [f"no settings record beside {', '.join(missing)}: its settings are unknown"]
+    for key in ("dataset", "test_set_sha256"):
+        if a.get(key) != b.get(key):
+            raise ValueError(f"{path_a} and {path_b} were certified on other test sets ({key})")
+    return [
+        f"A and B differ in {key}: {a.get(key)} against {b.get(key)}"
+        for key in COMPARED
+        if a.get(key) != b.get(key)
+    ]
+
+
+def compare(paths, resamples=10_000, seed=0):
+    """Pairs (A, B) of results files, each compared on the inputs both hold: ACR of each, B - A with
+    a 95% paired-bootstrap interval (inputs resampled), the certified-accuracy difference at each r.
+    With several pairs (one per training seed): their mean difference with a two-level bootstrap
+    interval (pairs resampled, then inputs within each), and the spread of A's and B's ACR."""
+    rng = np.random.default_rng(seed)
+    pairs, diffs = [], []
+    for path_a, path_b in zip(paths[::2], paths[1::2], strict=True):
+        a, b = ({r["idx"]: r for r in read_rows(p)} for p in (path_a, path_b))
+        common = sorted(set(a) & set(b))
+        if not common:
+            raise ValueError(
+                f"{path_a} and {path_b} share no inputs; compare results on the same test images"
+            )
+        for i in common:
+            if a[i]["label"] != b[i]["label"]:
+                raise ValueError(
+                    f"{path_a} and {path_b} disagree on the label of input {i}: they were not "
+                    "certified on the same test set"
+                )
+        notes = differences(path_a, path_b)
+        s_a, s_b = (summarize([rows[i] for i in common]) for rows in (a, b))
+        credit = lambda rows, common=common: np.array(
+            [rows[i]["radius"] * rows[i]["correct"] for i in common]
+        )
+        d = credit(b) - credit(a)  # (m,) per-input difference of the ACR's terms
+        lo, hi = np.percentile(bootstrap_means(d, resamples, rng), [2.5, 97.5])
+        diffs.append(d)
+        pairs.append(
+            dict(
+                a=path_a,
+                b=path_b,
+                n=len(common),
+                acr_a=s_a["acr"],
+                acr_b=s_b["acr"],
+                diff=float(d.mean()),
+                ci=(float(lo), float(hi)),
+                cert_acc_diff={r: s_b["cert_acc"][r] - s_a["cert_acc"][r] for r in RADII},
+                notes=notes,
+            )
+        )
+    result = dict(pairs=pairs, seed=seed)
+    if len(pairs) > 1:
+        m = len(pairs)
+        pick = rng.integers(0, m, (resamples, m))  # the pairs, resampled
+        inner = np.stack(
+            [bootstrap_means(d, resamples * m, rng).reshape(resamples, m) for d in diffs]
+        )  # (m, resamples, m)
+        rows, cols = np.arange(resamples)[:, None], np.arange(m)[None, :]
+        two_level = inner[pick, rows, cols].mean(1)  # (resamples, m) -> (resamples,)
+        lo, hi = np.percentile(two_level, [2.5, 97.5])
+        spread = lambda v: dict(
+            mean=float(np.mean(v)), sd=float(np.std(v, ddof=1)), min=min(v), max=max(v)
+        )
+        result.update(
+            diff=float(np.mean([p["diff"] for p in pairs])),
+            ci=(float(lo), float(hi)),
+            **{key: spread([p[key] for p in pairs]) for key in ("acr_a", "acr_b")},
+        )
+    return result
+
+
+def format_comparison(c):
+    several = len(c["pairs"]) > 1
+    lines = []
+    for j, p in enumerate(c["pairs"], start=1):
+        lines += [
+            f"{f'pair {j}: ' * several}on the {p['n']} inputs both hold: ACR {p['acr_a']:.3f} (A, "
+            f"{p['a']}), {p['acr_b']:.3f} (B, {p['b']})\nACR difference B - A: {p['diff']:+.3f}, "
+            f"95% paired-bootstrap interval [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] (seed "
+            f"{c['seed']})\ncertified accuracy difference B - A at radius r",
+            "".join(f"{r:>7.2f}" for r in p["cert_acc_diff"]),
+            "".join(f"{v:>+7.3f}" for v in p["cert_acc_diff"].values()),
+            *(f"note: {note}" for note in p["notes"]),
+        ]
+    if several:
+        lines.append(
+            f"over the {len(c['pairs'])} pairs: mean ACR difference B - A {c['diff']:+.3f}, 95% "
+            "two-level bootstrap "
+            f"interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (pairs resampled, then inputs within "
+            "each"
+            + ("; with under 5 pairs the pair level is coarse)" if len(c["pairs"]) < 5 else ")")
+        )
+        lines += [
+            f"ACR of {side} over the pairs: mean {s['mean']:.3f}, SD {s['sd']:.3f}, range "
+            f"{s['min']:.3f} to {s['max']:.3f}"
+            for side, s in (("A", c["acr_a"]), ("B", c["acr_b"]))
+        ]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- command line
 def parse_args(argv):
     p = argparse.ArgumentParser(
@@ -293,87 +545,49 @@ def parse_args(argv):
         "test images into the one results file; put -- before certify.py, or torchrun reads "
         "--n, --max and --start as abbreviations of its own options."
     )
-    p.add_argument(
-        "checkpoint",
-        nargs="?",
-        help="this project's checkpoint, the MACER authors' or Cohen et al.'s",
-    )
-    p.add_argument(
+    add = p.add_argument
+    add("checkpoint", nargs="?", help="this project's checkpoint, the MACER authors' or Cohen's")
+    add(
         "--compare",
         nargs="+",
         metavar="TSV",
-        help="A.tsv B.tsv: the paired ACR difference B - A; "
-        "several pairs A1 B1 A2 B2 ... (one per training seed): also their mean, over seeds and "
-        "images",
+        help="A B: the paired ACR difference B - A; "
+        "A1 B1 A2 B2 ... (one pair per training seed): also their mean over seeds and images",
     )
-    p.add_argument(
+    add(
         "--dataset",
-        help="mnist, fashion-mnist, cifar10, svhn or imagenet (read from the checkpoint if there)",
+        help="mnist, fashion-mnist, cifar10, svhn, imagenet (default: the checkpoint's)",
     )
-    p.add_argument(
-        "--arch",
-        help="lenet, resnet110, resnet20, ..., resnet50 (read from the checkpoint if there)",
-    )
-    p.add_argument("--sigma", type=float, help="noise level (read from the checkpoint if there)")
-    p.add_argument(
+    add("--arch", help="lenet, resnet110, resnet20, ..., resnet50 (default: the checkpoint's)")
+    add("--sigma", type=float, help="noise level (default: the checkpoint's)")
+    add(
         "--no-normalize",
         action="store_true",
-        help="the network takes unnormalised [0, 1] inputs, as the "
-        "MACER authors' checkpoints do (read from the checkpoint; Cohen et al.'s normalise inside "
-        "the model)",
+        help="the network takes [0, 1] inputs unnormalised, "
+        "as the MACER authors' checkpoints do (default: the checkpoint's)",
     )
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--n0", type=int, default=data.CERT["n0"], help="selection samples")
-    p.add_argument("--n", type=int, default=data.CERT["n"], help="estimation samples")
-    p.add_argument("--alpha", type=float, default=data.CERT["alpha"], help="failure probability")
-    p.add_argument(
+    add("--data-dir", default="data")
+    add("--n0", type=int, default=data.CERT["n0"], help="selection samples")
+    add("--n", type=int, default=data.CERT["n"], help="estimation samples")
+    add("--alpha", type=float, default=data.CERT["alpha"], help="failure probability")
+    add(
         "--batch",
         type=int,
-        default=None,
-        help="noisy samples per forward pass (default: 400 on a CPU, "
-        "100 for ImageNet there; 10,000 on CUDA, 400 for ImageNet)",
+        help="noisy samples per forward pass (default: 400 on a CPU, 100 for "
+        "ImageNet there; 10,000 on CUDA, 400 for ImageNet)",
     )
-    p.add_argument(
-        "--start", type=int, default=0, help="the first test image (the MACER authors' code: 500)"
-    )
-    p.add_argument(
-        "--skip",
-        type=int,
-        help="certify every skip-th test image (default: the dataset's protocol, "
-        "every 20th; ImageNet every 100th)",
-    )
-    p.add_argument("--max", type=int, help="at most this many images (default: the protocol's 500)")
-    p.add_argument("--bound", default="clopper-pearson", choices=BOUNDS)
-    p.add_argument(
-        "--beta",
-        type=float,
-        default=None,
-        help="Soft-RS inverse temperature (default: the checkpoint's, else 1)",
-    )
-    p.add_argument("--out", default=None, help="results TSV (default: beside the checkpoint)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start --out afresh if its rows cannot be continued",
-    )
-    p.add_argument(
-        "--plot",
-        action="store_true",
-        help="also draw the radius-accuracy curve of --out's rows, as OUT.png (needs matplotlib)",
-    )
-    p.add_argument("--fp32", action="store_true", help="fp32, even where bf16 measures faster")
-    p.add_argument(
-        "--bf16",
-        action="store_true",
-        help="bf16, even where it measures slower (default: the faster)",
-    )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the noise: input i's noise depends on (seed, i) alone",
-    )
+    add("--start", type=int, default=0, help="the first test image (the MACER authors' code: 500)")
+    add("--skip", type=int, help="certify every skip-th test image (default: the protocol's)")
+    add("--max", type=int, help="at most this many images (default: the protocol's)")
+    add("--bound", default="clopper-pearson", choices=BOUNDS)
+    add("--beta", type=float, help="Soft-RS's inverse temperature (default: the checkpoint's, 1)")
+    add("--out", help="results TSV (default: beside the checkpoint)")
+    add("--overwrite", action="store_true", help="start --out afresh if it cannot be continued")
+    add("--plot", action="store_true", help="also draw --out's radius-accuracy curve as OUT.png")
+    add("--fp32", action="store_true", help="fp32, even where bf16 measures faster")
+    add("--bf16", action="store_true", help="bf16, even where it measures slower")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--seed", type=int, default=0, help="noise seed: input i's noise depends on (seed, i) only")
     a = p.parse_args(argv)
     if a.compare is None and a.checkpoint is None:
         p.error("give a CHECKPOINT to certify, or --compare A.tsv B.tsv")
@@ -432,32 +646,15 @@ def main(argv=None):
 
 
 def run(a):
-    import models  # the tools: the library above needs neither torchvision nor result files
-    import records
+    import models  # the tools: the library above needs no torchvision
 
     if a.compare:
-        print(records.format_comparison(records.compare(a.compare)))
+        print(format_comparison(compare(a.compare)))
         return
-    own_group = (
-        "RANK" in os.environ and not dist.is_initialized()
-    )  # torchrun launched certify.py itself
-    if own_group:
-        dist.init_process_group(
-            "nccl" if a.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(days=7)
-        )
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if world > 1 and a.device == "cuda":
-        a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = models.check_device(a.device)
-    if world > 1 and device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
+    device, rank, world, own_group = models.join_processes(a.device)
     try:
-        model, cfg = models.load_checkpoint(
-            a.checkpoint,
-            dataset=a.dataset,
-            arch=a.arch,
-            normalize=False if a.no_normalize else None,
-        )
+        normalize = False if a.no_normalize else None  # None: the checkpoint's
+        model, cfg = models.load_checkpoint(a.checkpoint, a.dataset, a.arch, normalize)
         sigma = a.sigma if a.sigma is not None else cfg.get("sigma")
         if sigma is None:
             raise ValueError("the checkpoint does not say its sigma; pass --sigma")
@@ -465,34 +662,24 @@ def run(a):
         facts = data.dataset_facts(cfg["dataset"])
         test_set = data.load_dataset(cfg["dataset"], a.data_dir, train=False)
         indices = list(range(a.start, len(test_set), a.skip or facts.skip))[: a.max or facts.max]
+        if not indices:
+            raise ValueError(f"--start {a.start} is past the {len(test_set)} test images; lower it")
         out = a.out or os.path.splitext(a.checkpoint)[0] + f"_{a.bound}_n{a.n}.tsv"
         batch = a.batch or models.default_batch(cfg["arch"], device)
         precision = certify_precision(a, model, device, out, batch, len(indices), facts.shape)
-        if world > 1:  # every process certifies in rank 0's precision
-            choice = [precision]
-            dist.broadcast_object_list(choice, src=0)
-            precision = choice[0]
+        precision = models.from_rank0(precision)  # every process certifies in rank 0's
         model = models.fast_path(model.to(device).eval(), precision)
         smooth = Smooth(model, facts.classes, sigma, beta, device=device)
-        # The record of this run: records.MEANING and records.DRAW.
-        settings = dict(
-            checkpoint_sha256=cfg["sha256"],
-            dataset=cfg["dataset"],
-            test_set_sha256=data.fingerprint(test_set),
-            normalize=bool(cfg["normalize"]),
-            sigma=sigma,
-            beta=beta if a.bound != "clopper-pearson" else None,
-            n0=a.n0,
-            n=a.n,
-            alpha=a.alpha,
-            bound=a.bound,
-            precision=precision,
-            seed=a.seed,
-            noise=records.NOISE,
-            batch=batch,
-            noise_device=device.type,
-            machine=models.device_name(device),  # informative: a record of where the file began
+        # The record of this run: what its rows mean (records.MEANING), how the noise was drawn
+        # (records.DRAW), and, to inform only, the machine where the file began.
+        settings = dict(checkpoint_sha256=cfg["sha256"], dataset=cfg["dataset"])
+        settings.update(
+            test_set_sha256=data.fingerprint(test_set), normalize=bool(cfg["normalize"])
         )
+        settings.update(sigma=sigma, beta=beta if a.bound != "clopper-pearson" else None)
+        settings.update({k: getattr(a, k) for k in ("n0", "n", "alpha", "bound", "seed")})
+        settings.update(precision=precision, noise=records.NOISE, batch=batch)
+        settings.update(noise_device=device.type, machine=models.device_name(device))
         if rank == 0:
             print(
                 f"certifying {len(indices)} {cfg['dataset']} test images: {cfg['arch']}, sigma "
@@ -500,9 +687,7 @@ def run(a):
                 f"{world} process(es) -> {out}",
                 flush=True,
             )
-        summary = records.certify_into(
-            out, smooth, test_set, indices, settings, a.overwrite, rank, world
-        )
+        summary = certify_into(out, smooth, test_set, indices, settings, a.overwrite, rank, world)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -515,7 +700,6 @@ def certify_precision(a, model, device, out, batch, images, shape):
     file continues as it began; for fewer than 50 batches of work, fp32 (measuring would cost more
     than it can save); else the faster of the two for inference on this device."""
     import models
-    import records
 
     if a.bf16 or a.fp32:
         return "bf16" if a.bf16 else "fp32"
@@ -531,15 +715,13 @@ def certify_precision(a, model, device, out, batch, images, shape):
 
 def report(summary, out, a, cfg, settings):
     """Print the table of the rows, and the largest radius they could reach; draw --plot."""
-    import records
-
-    print(records.format_table(summary, f"{cfg['dataset']} s={settings['sigma']}"))
+    print(format_table(summary, f"{cfg['dataset']} s={settings['sigma']}"))
     cap = largest_radius(settings["sigma"], a.n, a.alpha, a.bound)
     print(f"largest radius at this n and alpha ({a.bound}, every sample agreeing): {cap:.3f}")
     if a.plot:
         png = os.path.splitext(out)[0] + ".png"
         name = f"{cfg['dataset']} s={settings['sigma']} {a.bound}"
-        records.plot_curves([dict(tsv=out, name=name, sigma=settings["sigma"])], png)
+        plot_curves([dict(tsv=out, name=name, sigma=settings["sigma"])], png)
         print(f"wrote {png}")
 
 

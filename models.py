@@ -7,13 +7,16 @@ released LeNet and ResNet-110, and of torchvision's ResNet-50.
 """
 
 import copy
+import datetime
 import hashlib
 import io
+import os
 import platform
 import re
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -283,6 +286,32 @@ def check_device(name):
     return device
 
 
+def join_processes(device_name):
+    """(device, rank, world, joined). Under torchrun: join its process group, unless this process
+    is in it already (train.py calling certify.py), with joined True if this call did, so that the
+    caller leaves it; and on CUDA, take the GPU of LOCAL_RANK. Else (device, 0, 1, False)."""
+    joined = "RANK" in os.environ and not dist.is_initialized()
+    if joined:
+        backend = "nccl" if device_name.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(days=7))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world > 1 and device_name.startswith("cuda"):
+        device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = check_device(device_name)
+    if world > 1 and device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
+    return device, rank, world, joined
+
+
+def from_rank0(value):
+    """value as rank 0 has it, in every process of a torchrun launch."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
 def strip_prefix(state_dict):
     """Drop Sequential/DataParallel prefixes such as '1.module.' from Cohen et al.'s keys."""
     return {re.sub(r"^((\d+|module)\.)+", "", k): v for k, v in state_dict.items()}
@@ -302,38 +331,25 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}") from None
     except Exception as e:
+        why = type(e).__name__
         raise ValueError(
-            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); is the file "
-            "complete?"
+            f"{path} is not a readable PyTorch checkpoint ({why}); is the file complete?"
         ) from None
     if not isinstance(ckpt, dict):
-        raise ValueError(
-            f"{path} holds no state dict; pass a checkpoint saved by train.py, MACER or Cohen et "
-            "al."
-        )
+        raise ValueError(f"{path} holds no state dict; pass a train.py, MACER or Cohen checkpoint")
     cfg = {}
     if "model" in ckpt and "config" in ckpt:  # ours
         if not isinstance(ckpt["config"], dict):
-            raise ValueError(
-                f"{path} has a config that is not a dict; it was not saved by train.py"
-            )
+            raise ValueError(f"{path} has a config that is not a dict; not saved by train.py")
         cfg, state = dict(ckpt["config"]), ckpt["model"]
         cfg.update(epochs_done=ckpt.get("epoch"), train_seconds=ckpt.get("train_seconds"))
     elif "net" in ckpt:  # the MACER authors'
         cfg, state = {"normalize": False}, ckpt["net"]
     elif "state_dict" in ckpt:  # Cohen et al.'s: Sequential(NormalizeLayer, DataParallel(net))
         state, name = ckpt["state_dict"], str(ckpt.get("arch", ""))
-        cfg = {
-            "normalize": True,
-            "arch": "resnet50" if name == "resnet50" else name.replace("cifar_", ""),
-        }
-        cfg.update(
-            {"dataset": "imagenet"}
-            if name == "resnet50"
-            else {"dataset": "cifar10"}
-            if "cifar" in name
-            else {}
-        )
+        their_arch = "resnet50" if name == "resnet50" else name.replace("cifar_", "")
+        their_data = "imagenet" if name == "resnet50" else "cifar10" if "cifar" in name else None
+        cfg = {"normalize": True, "arch": their_arch, "dataset": their_data}
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state = ckpt
     else:
@@ -342,10 +358,8 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
         if value is not None:
             cfg[key] = value
     if cfg.get("dataset") is None:
-        raise ValueError(
-            "the checkpoint does not say its dataset; pass --dataset (one of "
-            f"{', '.join(DATASETS)})"
-        )
+        names = ", ".join(DATASETS)
+        raise ValueError(f"the checkpoint does not say its dataset; pass --dataset ({names})")
     cfg.setdefault("arch", dataset_facts(cfg["dataset"]).arch)
     cfg.setdefault("normalize", True)
     cfg["sha256"] = hashlib.sha256(blob).hexdigest()

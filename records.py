@@ -1,11 +1,10 @@
-"""The result files of certify.py, beside the paper's code: the TSV of one row per input (Cohen et
-al.'s columns) and the settings record beside it (written when the file starts), the lock, the
-cut-row repair, the table, the paired comparison and the plot, which are derived from the files
-when asked for and never stored. A file holds rows made under one set of facts (MEANING, DRAW),
-checked on every resume; each row is checked when read. Any number of processes append one
-line per input, so an interrupted run keeps its rows. Input i's noise depends on (seed, i) alone:
-its row is the same certified alone, after a resume, in any order or process (with the same batch,
-on the same kind of device)."""
+"""The result files of certify.py: the TSV of one row per input (Cohen et al.'s columns), the
+settings record beside it (written when the file starts), the lock and the cut-row repair; tables,
+comparisons and plots are derived from the files when asked for (certify.py) and never stored. A
+file holds rows made under one set of facts (MEANING, DRAW), checked on every resume; each row is
+checked when read. Any number of processes append one line per input, so an interrupted run keeps
+its rows. Input i's noise depends on (seed, i) alone: its row is the same certified alone, after a
+resume, in any order or process (with the same batch, on the same kind of device)."""
 
 import errno
 import fcntl
@@ -14,30 +13,16 @@ import json
 import math
 import os
 import stat
-import time
-import warnings
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
-import certify
 import data
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 # What the rows mean: a file never mixes rows made under other values of these.
-MEANING = (
-    "checkpoint_sha256",
-    "dataset",
-    "test_set_sha256",
-    "normalize",
-    "sigma",
-    "beta",
-    "n0",
-    "n",
-    "alpha",
-    "bound",
-    "precision",
+MEANING = tuple(
+    "checkpoint_sha256 dataset test_set_sha256 normalize sigma beta n0 n alpha bound "
+    "precision".split()
 )
 # How the noise was drawn. Rows drawn otherwise are valid certificates too, but a file is appended
 # to only under the same draw, so that each of its rows can be made again alone.
@@ -84,19 +69,9 @@ def parse_time(text):
     return float(h) * 3600 + float(m) * 60 + float(s)
 
 
-def row_check(settings=None, labels=None, classes=None):
-    """A function that says what is wrong with a row, or None: with settings, the radius against the
-    largest that n and alpha allow; with the test set's labels, the label; predict against K."""
-    cap = math.inf
-    if settings is not None:
-        try:
-            facts = [settings[k] for k in ("sigma", "n", "alpha", "bound")]
-            cap = certify.largest_radius(*facts) or 0.0
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                "a settings record lacks a valid sigma, n, alpha or bound; it was edited: restore "
-                "it, or certify afresh with --overwrite"
-            ) from None
+def row_check(cap=math.inf, labels=None, classes=None):
+    """A function that says what is wrong with a row, or None: the radius against cap, the largest
+    that the file's n and alpha allow; with the test set's labels, the label; predict against K."""
 
     def check(row):
         i, label, predict, R = row["idx"], row["label"], row["predict"], row["radius"]
@@ -154,7 +129,8 @@ def parse_rows(text, path, check):
 
 
 def read_tsv(path, check=None):
-    """The rows of a results TSV, checked by `check` (default: its settings record, if any)."""
+    """The rows of a results TSV, checked by `check` (default: row_check(); certify.read_rows
+    checks each radius against its settings record too)."""
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder, not a results file")
     if not os.path.exists(path):
@@ -164,7 +140,7 @@ def read_tsv(path, check=None):
             text = f.read()
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a results file of certify.py (not UTF-8 text)") from None
-    return parse_rows(text, path, check or row_check(read_settings(path)))
+    return parse_rows(text, path, check or row_check())
 
 
 # ---------------------------------------------------------------- opening, appending
@@ -192,7 +168,7 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ValueError(f"--out {path} is not a regular file; choose another --out")
-    f = os.fdopen(fd, "a+")
+    f = os.fdopen(fd, "a+", newline="")  # read as on disk: a CRLF stays two characters
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -211,13 +187,17 @@ def _continue(f, path, settings, indices, check, overwrite, log):
     """open_results after the lock: what can be continued, what must start afresh."""
     f.seek(0)
     text = f.read()
-    if text and not (text + "\n").startswith(HEADER + "\n"):
+    if text and text.splitlines()[0] != HEADER:
         raise ValueError(
             f"{path} is not a results file of certify.py (its first line is not the TSV header); "
             "choose another --out"
         )
-    if text and not text.endswith("\n"):  # a kill inside a write: the last line is cut short
-        text = text[: text.rfind("\n") + 1]
+    last = text[text.rfind("\n") + 1 :]  # "" after a final newline
+    if len(last.split("\t")) == 6 and last.split("\t")[5].strip():  # a whole row (an editor's)
+        append_line(f.fileno(), "\n")
+        text += "\n"
+    elif last:  # a kill inside a write: the last line is cut short
+        text = text[: -len(last)]
         f.truncate(len(text.encode()))
         log(f"warning: dropped the cut-off last row of {path}; its input will be certified again")
     saved = read_settings(path, strict=not overwrite)
@@ -262,266 +242,3 @@ def _continue(f, path, settings, indices, check, overwrite, log):
 def append_line(fd, line):
     """One write of one line to an O_APPEND file: the rows of several processes never interleave."""
     os.write(fd, line.encode())
-
-
-def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
-    """Certify dataset[i] for each i, appending one row per input to the open file fd, with a log
-    line."""
-    t_start = time.time()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for j, i in enumerate(indices):
-            x, label = dataset[i]
-            t0 = time.time()
-            generator = input_generator(settings["seed"], i, smooth.device or x.device)
-            prediction, R = smooth.certify(
-                x,
-                settings["n0"],
-                settings["n"],
-                settings["alpha"],
-                settings["batch"],
-                settings["bound"],
-                generator,
-            )
-            dt = time.time() - t0
-            R_floor = math.floor(R * 1e5) / 1e5  # rounded down: a written radius never overclaims
-            fields = (i, int(label), prediction, f"{R_floor:.5f}", int(prediction == int(label)))
-            line = "\t".join(map(str, fields)) + f"\t{dt:.3f}\n"
-            try:
-                append_line(fd, line)
-            except OSError as e:
-                raise ValueError(
-                    f"could not write to {out} ({e.strerror}); make room, then rerun to continue"
-                ) from None
-            eta = (time.time() - t_start) / (j + 1) * (len(indices) - j - 1)
-            note = "".join(f"  ({w.message})" for w in caught)
-            caught.clear()
-            log(
-                f"{who}[{j + 1:>4}/{len(indices)}] idx {i:>5}  label {int(label)}  predict "
-                f"{prediction:>2}  radius {R:.3f}  "
-                f"{'correct' if prediction == int(label) else 'wrong  '}  {dt:.2f}s  ETA "
-                f"{eta / 60:.1f} min{note}",
-                flush=True,
-            )
-
-
-def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, world=1, log=print):
-    """Certify dataset[i] for i in indices into the results file `out`, each process (rank of world)
-    taking every world-th input still missing. Returns, on rank 0, the summary of the rows among
-    `indices`, with `seconds`, the sum of their certification times."""
-    check = row_check(settings, data.labels(dataset), smooth.num_classes)
-    state, f = [None], None
-    if rank == 0:
-        try:
-            f, rows, todo = open_results(out, settings, indices, check, overwrite, log)
-            state = [(len(rows), todo)]
-        except ValueError as e:
-            state = [str(e)]
-    if world > 1:
-        dist.broadcast_object_list(
-            state, src=0
-        )  # rank 0's verdict, so that no process certifies alone
-    if isinstance(state[0], str):
-        raise ValueError(state[0])
-    done, todo = state[0]
-    if rank == 0 and done:
-        log(f"resuming {out}: {done} inputs done, {len(todo)} to go")
-    mine = todo[rank::world]
-    fd = f.fileno() if f is not None else os.open(out, os.O_WRONLY | os.O_APPEND)
-    try:
-        certify_each(
-            out, fd, smooth, dataset, mine, settings, f"rank {rank}: " if world > 1 else "", log
-        )
-    finally:
-        if f is None:
-            os.close(fd)
-        else:
-            f.close()
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        return None
-    wanted = set(indices)
-    kept = [r for r in read_tsv(out, check) if r["idx"] in wanted]
-    return dict(certify.summarize(kept), seconds=sum(r["time"] for r in kept))
-
-
-# ---------------------------------------------------------------- the table, the summary, the plot
-def format_table(summary, title=""):
-    """The paper's Table 1 layout: certified accuracy at each radius, then ACR."""
-    width = max(20, len(title) + 1)
-    head = f"{'':<{width}}" + "".join(f"{r:>7.2f}" for r in summary["cert_acc"]) + f"{'ACR':>8}"
-    row = (
-        f"{title:<{width}}"
-        + "".join(f"{a:>7.3f}" for a in summary["cert_acc"].values())
-        + f"{summary['acr']:>8.3f}"
-    )
-    return f"certified accuracy at radius r, over {summary['n']} inputs\n{head}\n{row}"
-
-
-def curves(runs, step=0.01):
-    """Figure 1's data: each run (a dict with tsv, name and sigma) with its certified accuracy at
-    radii 0, step, 2 step, ...; a missing TSV is left out with a warning, never drawn flat."""
-    out = []
-    for run in sorted(runs, key=lambda r: r["name"]):  # the same colours in every plot
-        if not os.path.exists(run["tsv"]):
-            print(f"warning: {run['tsv']} (run {run['name']}) is missing; its curve is left out")
-            continue
-        rows = read_tsv(run["tsv"])
-        grid = [i * step for i in range(int(max([r["radius"] for r in rows] + [0.5]) / step) + 2)]
-        out.append(
-            dict(run, radii=grid, cert_acc=list(certify.summarize(rows, grid)["cert_acc"].values()))
-        )
-    return out
-
-
-def plot_curves(runs, png_path):
-    """Figure 1: approximate certified accuracy against radius, one curve per run, one panel per
-    sigma."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    drawn = curves(runs)
-    sigmas = sorted({r["sigma"] for r in drawn}) or [None]
-    fig, axes = plt.subplots(1, len(sigmas), figsize=(4.5 * len(sigmas), 3.5), squeeze=False)
-    for ax, sigma in zip(axes[0], sigmas, strict=True):
-        for run in (r for r in drawn if r["sigma"] == sigma):
-            ax.plot(run["radii"], run["cert_acc"], label=run["name"])
-        ax.set(
-            title=f"sigma = {sigma}",
-            xlabel="radius r (l2, pixel space)",
-            ylabel="certified accuracy",
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    data.atomic_write(png_path, lambda f: fig.savefig(f, dpi=120, format="png"))
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------- paired comparison
-def bootstrap_means(d, resamples, rng, block=2**22):
-    """(resamples,) means of d resampled with replacement, drawn in blocks of about `block` indices
-    (50,000 inputs x 10,000 resamples at once would need 4 GB)."""
-    out = np.empty(resamples)
-    per = max(1, block // len(d))
-    for s in range(0, resamples, per):
-        r = min(per, resamples - s)
-        out[s : s + r] = d[rng.integers(0, len(d), (r, len(d)))].mean(
-            1
-        )  # (r, m) indices -> (r,) means
-    return out
-
-
-COMPARED = ("sigma", "n0", "n", "alpha", "bound", "precision", "normalize")
-
-
-def differences(path_a, path_b):
-    """What the settings records of two results files say differently, as notes; ValueError where
-    they hold other test sets, whose images cannot be paired."""
-    a, b = read_settings(path_a, strict=False), read_settings(path_b, strict=False)
-    if a is None or b is None:
-        missing = [p for p, s in ((path_a, a), (path_b, b)) if s is None]
-        return [f"no settings record beside {', '.join(missing)}: its settings are unknown"]
-    for key in ("dataset", "test_set_sha256"):
-        if a.get(key) != b.get(key):
-            raise ValueError(f"{path_a} and {path_b} were certified on other test sets ({key})")
-    return [
-        f"A and B differ in {key}: {a.get(key)} against {b.get(key)}"
-        for key in COMPARED
-        if a.get(key) != b.get(key)
-    ]
-
-
-def compare(paths, resamples=10_000, seed=0):
-    """Pairs (A, B) of results files, each compared on the inputs both hold: ACR of each, B - A with
-    a 95% paired-bootstrap interval (inputs resampled), the certified-accuracy difference at each r.
-    With several pairs (one per training seed): their mean difference with a two-level bootstrap
-    interval (pairs resampled, then inputs within each), and the spread of A's and B's ACR."""
-    rng = np.random.default_rng(seed)
-    pairs, diffs = [], []
-    for path_a, path_b in zip(paths[::2], paths[1::2], strict=True):
-        a, b = ({r["idx"]: r for r in read_tsv(p)} for p in (path_a, path_b))
-        common = sorted(set(a) & set(b))
-        if not common:
-            raise ValueError(
-                f"{path_a} and {path_b} share no inputs; compare results on the same test images"
-            )
-        for i in common:
-            if a[i]["label"] != b[i]["label"]:
-                raise ValueError(
-                    f"{path_a} and {path_b} disagree on the label of input {i}: they were not "
-                    "certified on the same test set"
-                )
-        notes = differences(path_a, path_b)
-        s_a, s_b = (certify.summarize([rows[i] for i in common]) for rows in (a, b))
-        credit = lambda rows, common=common: np.array(
-            [rows[i]["radius"] * rows[i]["correct"] for i in common]
-        )
-        d = credit(b) - credit(a)  # (m,) per-input difference of the ACR's terms
-        lo, hi = np.percentile(bootstrap_means(d, resamples, rng), [2.5, 97.5])
-        diffs.append(d)
-        pairs.append(
-            dict(
-                a=path_a,
-                b=path_b,
-                n=len(common),
-                acr_a=s_a["acr"],
-                acr_b=s_b["acr"],
-                diff=float(d.mean()),
-                ci=(float(lo), float(hi)),
-                cert_acc_diff={r: s_b["cert_acc"][r] - s_a["cert_acc"][r] for r in certify.RADII},
-                notes=notes,
-            )
-        )
-    result = dict(pairs=pairs, seed=seed)
-    if len(pairs) > 1:
-        m = len(pairs)
-        pick = rng.integers(0, m, (resamples, m))  # the pairs, resampled
-        inner = np.stack(
-            [bootstrap_means(d, resamples * m, rng).reshape(resamples, m) for d in diffs]
-        )  # (m, resamples, m)
-        two_level = inner[pick, np.arange(resamples)[:, None], np.arange(m)[None, :]].mean(
-            1
-        )  # (resamples,)
-        lo, hi = np.percentile(two_level, [2.5, 97.5])
-        spread = lambda v: dict(
-            mean=float(np.mean(v)), sd=float(np.std(v, ddof=1)), min=min(v), max=max(v)
-        )
-        result.update(
-            diff=float(np.mean([p["diff"] for p in pairs])),
-            ci=(float(lo), float(hi)),
-            **{key: spread([p[key] for p in pairs]) for key in ("acr_a", "acr_b")},
-        )
-    return result
-
-
-def format_comparison(c):
-    several = len(c["pairs"]) > 1
-    lines = []
-    for j, p in enumerate(c["pairs"], start=1):
-        lines += [
-            f"{f'pair {j}: ' * several}on the {p['n']} inputs both hold: ACR {p['acr_a']:.3f} (A, "
-            f"{p['a']}), {p['acr_b']:.3f} (B, {p['b']})\nACR difference B - A: {p['diff']:+.3f}, "
-            f"95% paired-bootstrap interval [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] (seed "
-            f"{c['seed']})\ncertified accuracy difference B - A at radius r",
-            "".join(f"{r:>7.2f}" for r in p["cert_acc_diff"]),
-            "".join(f"{v:>+7.3f}" for v in p["cert_acc_diff"].values()),
-            *(f"note: {note}" for note in p["notes"]),
-        ]
-    if several:
-        lines.append(
-            f"over the {len(c['pairs'])} pairs: mean ACR difference B - A {c['diff']:+.3f}, 95% "
-            "two-level bootstrap "
-            f"interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (pairs resampled, then inputs within "
-            "each"
-            + ("; with under 5 pairs the pair level is coarse)" if len(c["pairs"]) < 5 else ")")
-        )
-        lines += [
-            f"ACR of {side} over the pairs: mean {s['mean']:.3f}, SD {s['sd']:.3f}, range "
-            f"{s['min']:.3f} to {s['max']:.3f}"
-            for side, s in (("A", c["acr_a"]), ("B", c["acr_b"]))
-        ]
-    return "\n".join(lines)

@@ -10,7 +10,6 @@ overridden.
 
 import argparse
 import dataclasses
-import datetime
 import fcntl
 import hashlib
 import json
@@ -56,13 +55,6 @@ def epoch_lambda(cfg, epoch):
     return 0.0 if cfg.dynamic_lbd and epoch < cfg.milestones[0] else cfg.lbd
 
 
-def lr_schedule(opt, milestones):
-    """The lr times 0.1 at each milestone epoch (the scheduler steps after each epoch)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda epoch: 0.1 ** sum(epoch >= m for m in milestones)
-    )
-
-
 def log_stats(stats, head, log):
     """One progress line; a non-finite loss ends the run here, before a checkpoint can keep it."""
     s = stats.tolist()
@@ -79,6 +71,9 @@ def log_stats(stats, head, log):
 
 
 # ---------------------------------------------------------------- configuration
+ONE_OR_0 = dict(type=int, choices=[0, 1])
+
+
 def arg(default, help, **flag):
     return field(default=default, metadata=dict(help=help, **flag))
 
@@ -90,11 +85,7 @@ class Config:
 
     dataset: str = arg("fashion-mnist", "mnist, fashion-mnist, cifar10, svhn or imagenet")
     sigma: float = arg(0.25, "noise level sigma, in [0, 1] pixel units")
-    method: str = arg(
-        "macer",
-        "macer, or cohen: Gaussian augmentation, k = 1 and lambda = 0",
-        choices=["macer", "cohen"],
-    )
+    method: str = arg("macer", "macer, or cohen (k = 1, lambda = 0)", choices=["macer", "cohen"])
     arch: str = arg("", "network: lenet, resnet110 (resnet20, resnet56 for quick runs), resnet50")
     epochs: int = arg(0, "passes over the training set")
     lr: float = arg(0.0, "initial learning rate of SGD")
@@ -105,26 +96,20 @@ class Config:
     k: int = arg(16, "Gaussian copies per input (Algorithm 1, line 4)")
     lbd: float = arg(0.0, "lambda, the weight of the robustness term (Eq. 17)")
     dynamic_lbd: bool = arg(
-        False, "1: lambda = 0 until the first lr decay (footnote 5)", type=int, choices=[0, 1]
+        False, "1: lambda = 0 until the first lr decay (footnote 5)", **ONE_OR_0
     )
     gamma: float = arg(8.0, "hinge factor gamma (Eq. 17)")
     beta: float = arg(16.0, "inverse temperature beta of the robustness term")
-    augment: bool = arg(
-        False, "1: random crop (pad 4) and horizontal flip", type=int, choices=[0, 1]
-    )
+    augment: bool = arg(False, "1: random crop (pad 4) and horizontal flip", **ONE_OR_0)
     grad_clip: float = arg(0.0, "clip the gradient norm at this value (0: off)")
     train_subset: int = arg(0, "train on the first N training images only (0: all)")
     seed: int = arg(0, "seed of the shuffles, the noise and the initialisation, in [0, 2^32)")
     cert_n0: int = arg(data.CERT["n0"], "certification: selection samples")
     cert_n: int = arg(data.CERT["n"], "certification: estimation samples")
     cert_alpha: float = arg(data.CERT["alpha"], "certification: failure probability")
-    cert_skip: int = arg(
-        20, "certify every skip-th test image (the recipe: the dataset's protocol)"
-    )
+    cert_skip: int = arg(20, "certify every skip-th test image (the recipe: the protocol's)")
     cert_max: int = arg(500, "certify at most this many test images (0: none)")
-    cert_batch: int = arg(
-        0, "noisy samples per forward pass while certifying (0: certify.py's default)"
-    )
+    cert_batch: int = arg(0, "noisy samples per forward pass in certification (0: certify.py's)")
     save_every: int = arg(10, "checkpoint every N epochs (and at the end)")
     log_every: int = arg(200, "a progress line every N steps within an epoch")
     data_dir: str = arg("data", "where the datasets are")
@@ -132,33 +117,15 @@ class Config:
     workers: int = arg(min(8, os.cpu_count() or 1), "data-loading processes (ImageNet only)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
     fp32: bool = arg(False, "fp32, even where bf16 measures faster", action="store_true")
-    bf16: bool = arg(
-        False,
-        "bf16 autocast, even where it measures slower (default: the faster, measured)",
-        action="store_true",
-    )
+    bf16: bool = arg(False, "bf16 autocast, even where it measures slower", action="store_true")
     compile: bool = arg(False, "torch.compile the model", action="store_true")
 
 
 # What --resume may change; the rest of a run's settings are fixed by its checkpoint.
-RESUMABLE = {
-    "epochs",
-    "save_every",
-    "log_every",
-    "data_dir",
-    "out_dir",
-    "workers",
-    "device",
-    "fp32",
-    "bf16",
-    "compile",
-    "cert_n0",
-    "cert_n",
-    "cert_alpha",
-    "cert_skip",
-    "cert_max",
-    "cert_batch",
-}
+RESUMABLE = set(
+    "epochs save_every log_every data_dir out_dir workers device fp32 bf16 compile cert_n0 cert_n "
+    "cert_alpha cert_skip cert_max cert_batch".split()
+)
 
 
 def recipe(dataset, sigma, method):
@@ -172,22 +139,16 @@ def recipe(dataset, sigma, method):
         f"cert_{key}": v
         for key, v in {**data.CERT, "skip": facts.skip, "max": facts.max, **r.cert}.items()
     }
+    same = "epochs lr k gamma beta augment grad_clip train_subset".split()  # Recipe's and Config's
     cfg = Config(
         dataset=dataset,
         sigma=sigma,
         method=method,
         arch=facts.arch,
-        epochs=r.epochs,
-        lr=r.lr,
         milestones=list(r.milestones),
-        k=r.k,
         lbd=lbd,
         dynamic_lbd=sigma in r.dynamic_lbd,
-        gamma=r.gamma,
-        beta=r.beta,
-        augment=r.augment,
-        grad_clip=r.grad_clip,
-        train_subset=r.train_subset,
+        **{name: getattr(r, name) for name in same},
         **cert,
     )
     return dataclasses.replace(cfg, k=1, lbd=0.0, dynamic_lbd=False) if method == "cohen" else cfg
@@ -214,43 +175,30 @@ def parse_flags(argv=None):
     return vars(p.parse_args(argv))
 
 
+# The range of each numeric flag: (lowest, whether the lowest is allowed).
+RANGES = {
+    **dict.fromkeys("sigma lr gamma beta".split(), (0, False)),
+    **dict.fromkeys("momentum weight_decay lbd grad_clip train_subset".split(), (0, True)),
+    **dict.fromkeys("cert_max cert_batch workers".split(), (0, True)),
+    **dict.fromkeys(
+        "k epochs batch cert_n0 cert_n cert_skip save_every log_every".split(), (1, True)
+    ),
+}
+
+
 def check_config(cfg):
     """Raise ValueError naming every out-of-range value (NaN and inf included)."""
+    values = [(n, getattr(cfg, n), *RANGES[n]) for n in RANGES]
+    values += [("milestones", m, 1, True) for m in cfg.milestones]
     bad = [
-        f"--{n.replace('_', '-')} must be {want} (got {v})"
-        for n, v, want, ok in [
-            ("sigma", cfg.sigma, "> 0", cfg.sigma > 0),
-            ("lr", cfg.lr, "> 0", cfg.lr > 0),
-            ("momentum", cfg.momentum, ">= 0", cfg.momentum >= 0),
-            ("weight_decay", cfg.weight_decay, ">= 0", cfg.weight_decay >= 0),
-            ("k", cfg.k, ">= 1", cfg.k >= 1),
-            ("lbd", cfg.lbd, ">= 0", cfg.lbd >= 0),
-            ("gamma", cfg.gamma, "> 0", cfg.gamma > 0),
-            ("beta", cfg.beta, "> 0", cfg.beta > 0),
-            ("grad_clip", cfg.grad_clip, ">= 0", cfg.grad_clip >= 0),
-            ("train_subset", cfg.train_subset, ">= 0", cfg.train_subset >= 0),
-            ("seed", cfg.seed, "in [0, 2^32)", 0 <= cfg.seed < 2**32),
-            ("cert_alpha", cfg.cert_alpha, "in (0, 1)", 0 < cfg.cert_alpha < 1),
-            *[
-                (n, getattr(cfg, n), ">= 1", getattr(cfg, n) >= 1)
-                for n in (
-                    "epochs",
-                    "batch",
-                    "cert_n0",
-                    "cert_n",
-                    "cert_skip",
-                    "save_every",
-                    "log_every",
-                )
-            ],
-            *[
-                (n, getattr(cfg, n), ">= 0", getattr(cfg, n) >= 0)
-                for n in ("cert_max", "cert_batch", "workers")
-            ],
-            *[("milestones", m, ">= 1", m >= 1) for m in cfg.milestones],
-        ]
-        if not (ok and (not isinstance(v, float) or math.isfinite(v)))
+        f"--{n.replace('_', '-')} must be {'>=' if equal else '>'} {low} (got {v})"
+        for n, v, low, equal in values
+        if not (v >= low if equal else v > low) or not math.isfinite(v)
     ]
+    if not 0 <= cfg.seed < 2**32:
+        bad.append(f"--seed must be in [0, 2^32) (got {cfg.seed})")
+    if not 0 < cfg.cert_alpha < 1:  # also NaN
+        bad.append(f"--cert-alpha must be in (0, 1) (got {cfg.cert_alpha})")
     if list(cfg.milestones) != sorted(set(cfg.milestones)):
         bad.append(
             f"--milestones must be increasing epochs (got {' '.join(map(str, cfg.milestones))})"
@@ -334,16 +282,8 @@ def main(argv=None):
 
 def run(cfg, flags, resume, overwrite):
     """The processes and the run folder's lock around fit(); both are released however it ends."""
-    models.check_device(cfg.device)
-    ddp = "RANK" in os.environ  # launched by torchrun
-    if ddp:
-        dist.init_process_group(
-            "nccl" if cfg.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(days=7)
-        )
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(cfg.device)  # NCCL's object collectives use the current device
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device, rank, world, joined = models.join_processes(cfg.device)
+    cfg.device = str(device)
     folder_lock = None
     try:
         folder_lock = lock_run_folder(cfg.out_dir) if rank == 0 else None
@@ -351,7 +291,7 @@ def run(cfg, flags, resume, overwrite):
     finally:
         if folder_lock is not None:
             os.close(folder_lock)
-        if ddp:
+        if joined:
             dist.destroy_process_group()
 
 
@@ -368,10 +308,7 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     loader = isinstance(train_set, torch.utils.data.DataLoader)  # whose len() counts batches
     per_epoch = len(train_set) if loader else len(train_set) // (cfg.batch * world)
     precision = training_precision(cfg, model, device, ckpt, cfg.epochs * per_epoch, log)
-    if ddp:  # every process trains in rank 0's precision
-        choice = [precision]
-        dist.broadcast_object_list(choice, src=0)
-        precision = choice[0]
+    precision = models.from_rank0(precision)  # every process trains in rank 0's precision
     model = model.to(memory_format=torch.channels_last)  # the saved model; net trains it
     net = model
     if ddp:
@@ -397,17 +334,8 @@ def fit(cfg, flags, resume, overwrite, rank, world):
         batches = data.batches(
             train_set, cfg.batch, epoch, cfg.seed, cfg.augment, device, rank, world
         )
-        steps = train_one_epoch(
-            net,
-            opt,
-            batches,
-            cfg.k,
-            cfg.sigma,
-            epoch_lambda(cfg, epoch),
-            cfg.gamma,
-            cfg.beta,
-            cfg.grad_clip,
-        )
+        loss_args = (cfg.k, cfg.sigma, epoch_lambda(cfg, epoch), cfg.gamma, cfg.beta)
+        steps = train_one_epoch(net, opt, batches, *loss_args, cfg.grad_clip)
         stats = None
         for step, s in enumerate(steps, 1):
             stats = s if stats is None else stats + s
@@ -422,27 +350,15 @@ def fit(cfg, flags, resume, overwrite, rank, world):
         if ddp:
             dist.all_reduce(stats)
         s = log_stats(stats, f"epoch {epoch + 1}", lambda *a, **k: None)
-        log(
-            f"{epoch + 1:>5} {s[0] / s[3]:>9.4f} {s[1] / s[3]:>9.4f} {s[2] / s[3]:>6.3f} "
-            f"{lr:>8.5f} "
-            f"{s[3] / (time.time() - t0):>7.0f} {time.time() - t_run:>7.0f}s  {precision}",
-            flush=True,
-        )
+        means = f"{s[0] / s[3]:>9.4f} {s[1] / s[3]:>9.4f} {s[2] / s[3]:>6.3f}"
+        rates = f"{s[3] / (time.time() - t0):>7.0f} {time.time() - t_run:>7.0f}s"
+        log(f"{epoch + 1:>5} {means} {lr:>8.5f} {rates}  {precision}", flush=True)
         precisions.append(precision)
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-            save_checkpoint(
-                ckpt_path,
-                model,
-                opt,
-                sched,
-                cfg,
-                epoch + 1,
-                time.time() - t_run,
-                precisions,
-                device,
-                rank,
-                world,
+            progress = dict(
+                epoch=epoch + 1, train_seconds=time.time() - t_run, precisions=precisions
             )
+            save_checkpoint(ckpt_path, (model, opt, sched), cfg, progress, device, rank, world)
     if cfg.cert_max > 0:
         log(f"trained in {time.time() - t_run:.0f}s; checkpoint {ckpt_path}")
         certify_checkpoint(cfg, ckpt_path, rank, world)
@@ -539,6 +455,11 @@ def load_train_set(cfg, device, ddp):
     )
 
 
+def lr_schedule(opt, milestones):
+    """The lr times 0.1 at each milestone epoch (the scheduler steps after each epoch)."""
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+
+
 def build(cfg, device, ckpt, rank):
     """The model on its fast path, SGD and the step schedule, restored from ckpt if given."""
     model = models.get_model(cfg.dataset, arch=cfg.arch).to(device)
@@ -602,9 +523,10 @@ def describe_precisions(precisions):
     return ", ".join(f"{p} in epochs {a}-{b}" for p, a, b in spans)
 
 
-def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precisions, device, rank, world):
+def save_checkpoint(path, run, cfg, progress, device, rank, world):
     """Every rank's RNG state (a resumed DDP run draws the same noise) and rank 0's model,
-    optimizer and schedule, written atomically by rank 0. precisions: one per epoch trained."""
+    optimizer and schedule (run), written atomically by rank 0, with the progress: epoch,
+    train_seconds and precisions, one per epoch trained."""
     rng = [
         (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     ]
@@ -614,20 +536,11 @@ def save_checkpoint(path, model, opt, sched, cfg, epoch, seconds, precisions, de
     if rank != 0:
         dist.barrier()  # rank 0 is writing the checkpoint that certification will read
         return
-    state = dict(
-        model=model.state_dict(),
-        optimizer=opt.state_dict(),
-        scheduler=sched.state_dict(),
-        epoch=epoch,
-        rng=rng,
-        train_seconds=seconds,
-        precisions=precisions,
-        config=dict(
-            dataclasses.asdict(cfg),
-            precision=describe_precisions(precisions),
-            device_name=models.device_name(device),
-        ),
-    )
+    model, opt, sched = run
+    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, **progress)
+    state.update(scheduler=sched.state_dict(), config=dataclasses.asdict(cfg))
+    state["config"].update(precision=describe_precisions(progress["precisions"]))
+    state["config"].update(device_name=models.device_name(device))
     try:
         data.atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
@@ -650,19 +563,9 @@ def certify_checkpoint(cfg, ckpt_path, rank, world):
         checkpoint_changed = record is not None and record.get("checkpoint_sha256") != (
             hashlib.sha256(f.read()).hexdigest()
         )
-    flags = dict(
-        data_dir=cfg.data_dir,
-        device=cfg.device,
-        n0=cfg.cert_n0,
-        n=cfg.cert_n,
-        alpha=cfg.cert_alpha,
-        skip=cfg.cert_skip,
-        max=cfg.cert_max,
-        out=out,
-        seed=cfg.seed,
-    )
-    if cfg.cert_batch > 0:
-        flags["batch"] = cfg.cert_batch
+    flags = dict(data_dir=cfg.data_dir, device=cfg.device, out=out, seed=cfg.seed)
+    for k in ("n0", "n", "alpha", "skip", "max") + ("batch",) * (cfg.cert_batch > 0):
+        flags[k] = getattr(cfg, f"cert_{k}")  # certify.py's --k is train.py's --cert-k
     argv = [ckpt_path] + [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))]
     argv += ["--overwrite"] * checkpoint_changed + ["--fp32"] * cfg.fp32 + ["--bf16"] * cfg.bf16
     if rank == 0:

@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+import bench  # noqa: E402
 import certify  # noqa: E402
 import data  # noqa: E402
 import records  # noqa: E402
@@ -103,7 +104,7 @@ def e10_acr(all_runs):
     order = {"clopper-pearson": 0, "bernstein": 1, "hoeffding": 2}
     for r in sorted(all_runs, key=lambda r: (r["sigma"], r["k"] != 16 and r["method"] == "macer")):
         for bound, path in sorted(r["tsv"].items(), key=lambda kv: order[kv[0]]):
-            s = certify.summarize(records.read_tsv(path))
+            s = certify.summarize(certify.read_rows(path))
             what = r["method"].replace("cohen", "Cohen").replace("macer", "MACER")
             what += f", k = {r['k']}" if r["method"] == "macer" and r["k"] != 16 else ""
             what += "" if bound == "clopper-pearson" else f", Soft-RS {bound.capitalize()}"
@@ -124,7 +125,7 @@ def e10_pairs(all_runs):
             if a and b and "clopper-pearson" in a["tsv"] and "clopper-pearson" in b["tsv"]:
                 pairs += [a["tsv"]["clopper-pearson"], b["tsv"]["clopper-pearson"]]
         if pairs:
-            out[sigma] = records.compare(pairs)
+            out[sigma] = certify.compare(pairs)
     return out
 
 
@@ -192,15 +193,15 @@ def softrs(all_runs):
         hard = r["tsv"].get("clopper-pearson")
         for bound in ("bernstein", "hoeffding"):
             if hard and bound in r["tsv"]:
-                (p,) = records.compare([hard, r["tsv"][bound]])["pairs"]
-                soft_rows = records.read_tsv(r["tsv"][bound])
+                (p,) = certify.compare([hard, r["tsv"][bound]])["pairs"]
+                soft_rows = certify.read_rows(r["tsv"][bound])
                 smaller = sum(
                     s["radius"] < h["radius"]
-                    for s, h in zip_rows(soft_rows, records.read_tsv(hard))
+                    for s, h in zip_rows(soft_rows, certify.read_rows(hard))
                 )
                 same = sum(
                     s["predict"] == h["predict"]
-                    for s, h in zip_rows(soft_rows, records.read_tsv(hard))
+                    for s, h in zip_rows(soft_rows, certify.read_rows(hard))
                 )
                 largest = max(s["radius"] for s in soft_rows)
                 rows.append([r["name"], bound, p["n"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}"])
@@ -229,7 +230,7 @@ def at_cap(all_runs):
         cap = certify.largest_radius(
             r["sigma"], settings["n"], settings["alpha"], settings["bound"]
         )
-        got = records.read_tsv(path)
+        got = certify.read_rows(path)
         at = sum(x["correct"] and x["radius"] >= cap - 1e-5 for x in got)
         zero = sum(not x["correct"] or x["predict"] == -1 for x in got)
         p_low = [
@@ -253,13 +254,13 @@ def k_ablation(all_runs):
         if not (r and "clopper-pearson" in r["tsv"]):
             rows.append([k, "not certified yet"] + [""] * 6)
             continue
-        s = certify.summarize(records.read_tsv(r["tsv"]["clopper-pearson"]))
+        s = certify.summarize(certify.read_rows(r["tsv"]["clopper-pearson"]))
         acc = " / ".join(f"{s['cert_acc'][g]:.3f}" for g in (0.0, 0.25, 0.5, 0.75))
         if k == 16:
             row = [k, s["n"], f"{s['acr']:.3f}", f"{s['acr']:.3f}", "-"]
         else:
             pair = [base["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]]
-            (p,) = records.compare(pair)["pairs"]
+            (p,) = certify.compare(pair)["pairs"]
             row = [k, p["n"], f"{p['acr_b']:.3f}", f"{p['acr_a']:.3f}", fmt_ci(p["diff"], p["ci"])]
         rows.append(row + [acc, r["precision"], r["machine"]])
     head = ["k", "images", "ACR", "k = 16's ACR on them", "k - (k = 16), 95%"]
@@ -268,12 +269,15 @@ def k_ablation(all_runs):
 
 
 def speed(short=False):
+    """The rows of the bench JSON files that the current bench.py makes (bench.ROWS, by number):
+    older files also hold rows that it no longer makes, whose figures it could not reproduce."""
     files = sorted(glob.glob(os.path.join(HERE, "bench_*.json")))
     benches = []
     for path in files:
         with open(path) as f:
             benches.append((os.path.basename(path), json.load(f)))
-    names = sorted({row["name"] for _, b in benches for row in b["rows"]}, key=row_order)
+    names = {row["name"] for _, b in benches for row in b["rows"]}
+    names = sorted((n for n in names if n.split(".")[0] in bench.ROWS), key=row_order)
     head = ["measurement"]
     for file, b in benches:
         head += [f"{b['device']}, {file}: A / B", "ratio"]
@@ -307,7 +311,7 @@ def number(v):
 
 def sizes():
     """Lines of each file as formatted (ruff format, 100 columns), and of the reading path:
-    macer.py, train.py from train_one_epoch to lr_schedule, certify.py down to summarize."""
+    macer.py, train.py's train_one_epoch and epoch_lambda, certify.py down to summarize."""
 
     def lines(name):
         with open(os.path.join(ROOT, name)) as f:
@@ -340,7 +344,7 @@ def quick_run():
     folder = os.path.join(HERE, "quick")
     ckpt = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
     tsv = os.path.join(folder, "certify.tsv")
-    got = records.read_tsv(tsv)
+    got = certify.read_rows(tsv)
     s = certify.summarize(got)
     settings = records.read_settings(tsv)
     with open(os.path.join(folder, "log.txt")) as f:
@@ -357,22 +361,22 @@ def quick_run():
 # ---------------------------------------------------------------- the figures
 def figures(all_runs):
     """e10/summary.png: certified accuracy against radius, one panel per sigma, one colour per
-    method and k, one line style per training seed; e10/radius_cdf.png: the empirical CDF of the
-    certified radius (0 for wrong or abstained), the same layout."""
+    method, one line style per training seed; e10/radius_cdf.png: the empirical CDF of the
+    certified radius (0 for wrong or abstained), the same layout; e10/k_ablation.png: MACER's
+    certified accuracy at sigma 0.25 for each k, on the images that every k's file holds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colour = lambda r: {("cohen", 1): "tab:blue", ("macer", 16): "tab:red"}.get(
-        (r["method"], r["k"]), plt.cm.viridis(np.log2(r["k"]) / 4)
-    )
+    colour = {"cohen": "tab:blue", "macer": "tab:red"}
     style = ["-", "--", ":", "-."]
+    compared = [r for r in all_runs if r["method"] == "cohen" or r["k"] == 16]
     for png, cdf in (("summary.png", False), ("radius_cdf.png", True)):
         fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), squeeze=False)
         for ax, sigma in zip(axes[0], SIGMAS, strict=True):
-            for r in (r for r in all_runs if r["sigma"] == sigma and "clopper-pearson" in r["tsv"]):
-                got = records.read_tsv(r["tsv"]["clopper-pearson"])
+            for r in (r for r in compared if r["sigma"] == sigma and "clopper-pearson" in r["tsv"]):
+                got = certify.read_rows(r["tsv"]["clopper-pearson"])
                 R = np.array([x["radius"] * x["correct"] for x in got])  # 0: wrong or abstained
                 ok = np.array([x["correct"] == 1 for x in got])
                 grid = np.linspace(0, R.max() + 0.05, 400)
@@ -380,9 +384,10 @@ def figures(all_runs):
                     y = (R[None, :] <= grid[:, None]).mean(1)
                 else:  # certified accuracy: correct and radius >= r (certify.summarize)
                     y = (ok[None, :] & (R[None, :] >= grid[:, None])).mean(1)
-                k = "" if r["method"] == "cohen" or r["k"] == 16 else f" k={r['k']}"
-                label = f"{r['method']}{k} seed {r['seed']} ({len(got)} images)"
-                ax.plot(grid, y, color=colour(r), linestyle=style[r["seed"] % 4], label=label)
+                label = f"{r['method']} seed {r['seed']} ({len(got)} images)"
+                ax.plot(
+                    grid, y, color=colour[r["method"]], linestyle=style[r["seed"] % 4], label=label
+                )
             ax.set(title=f"sigma = {sigma}", xlabel="radius r")
             ax.set_ylabel("share of images with radius <= r" if cdf else "certified accuracy")
             ax.grid(alpha=0.3)
@@ -390,6 +395,23 @@ def figures(all_runs):
         fig.tight_layout()
         fig.savefig(os.path.join(E10, png), dpi=110)
         plt.close(fig)
+    k_runs = [find(all_runs, "macer", 0.25, 0, k) for k in (1, 2, 4, 8, 16)]
+    k_rows = [certify.read_rows(r["tsv"]["clopper-pearson"]) for r in k_runs]
+    common = set.intersection(*({x["idx"] for x in got} for got in k_rows))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for r, got in zip(k_runs, k_rows, strict=True):
+        got = [x for x in got if x["idx"] in common]
+        R, ok = np.array([x["radius"] for x in got]), np.array([x["correct"] == 1 for x in got])
+        grid = np.linspace(0, R.max() + 0.05, 400)
+        y = (ok[None, :] & (R[None, :] >= grid[:, None])).mean(1)  # as certify.summarize
+        ax.plot(grid, y, color=plt.cm.viridis(0.85 * np.log2(r["k"]) / 4), label=f"k = {r['k']}")
+    ax.set(title=f"MACER, sigma = 0.25, seed 0: {len(common)} test images", xlabel="radius r")
+    ax.set_ylabel("certified accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(E10, "k_ablation.png"), dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the READMEs
@@ -450,7 +472,7 @@ def main(argv=None):
         print("every table matches the committed files")
         return
     figures(all_runs)
-    print(f"wrote {len(stale)} README(s) and e10/summary.png, e10/radius_cdf.png")
+    print(f"wrote {len(stale)} README(s) and e10/summary.png, radius_cdf.png, k_ablation.png")
 
 
 if __name__ == "__main__":
