@@ -2,7 +2,7 @@
 
 g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), is certified around x with radius
 sigma * PhiInv(p_A_low), p_A_low a 1 - alpha lower confidence bound on the top class's probability
-(Theorem 1; Eq. 20 for Soft-RS). The paper ends at summarize(); the checks and --help follow.
+(Theorem 1; Eq. 20 for Soft-RS). The paper's procedures end at summarize(); the checks follow.
 
     label, radius = Smooth(model, 10, sigma=0.25).certify(x, 100, 100_000, 0.001, batch_size=400)
 """
@@ -31,8 +31,7 @@ BOUNDS = ("clopper-pearson", "hoeffding", "bernstein")
 
 # ---------------------------------------------------------------- lower confidence bounds on p_A
 def clopper_pearson_lower(n_A, n, alpha):
-    """LOWERCONFBOUND of Cohen et al.'s CERTIFY: the one-sided 1 - alpha Clopper-Pearson lower
-    bound on a binomial p from n_A successes in n trials."""
+    """LOWERCONFBOUND of Cohen et al.'s CERTIFY: one-sided 1 - alpha Clopper-Pearson, on p."""
     return 0.0 if n_A == 0 else float(beta_dist.ppf(alpha, n_A, n - n_A + 1))
 
 
@@ -53,9 +52,8 @@ def bernstein_lower(z_hat_A, S2_A, n, alpha):
 
 
 def radius(p_A_low, sigma, p_B_up=None):
-    """Theorem 1 (Eq. 8) and Theorem 2 (Eq. 16): R = sigma/2 * (PhiInv(p_A_low) - PhiInv(p_B_up)).
-    Without p_B_up, p_B_up = 1 - p_A_low (Cohen et al.; Eq. 20) and R = sigma * PhiInv(p_A_low).
-    None means abstain: the bounds do not separate class A from the rest."""
+    """Theorem 1 (Eq. 8) and Theorem 2 (Eq. 16): R = sigma/2 * (PhiInv(p_A_low) - PhiInv(p_B_up)),
+    p_B_up = 1 - p_A_low by default (Eq. 20): R = sigma * PhiInv(p_A_low). None: abstain."""
     if p_B_up is None:
         return sigma * float(norm.ppf(p_A_low)) if p_A_low > 0.5 else None
     return sigma / 2 * float(norm.ppf(p_A_low) - norm.ppf(p_B_up)) if p_A_low > p_B_up else None
@@ -99,6 +97,7 @@ class Smooth:
                 counts = self._counts(x, n, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n)
                 n_A, bad = counts[[c_A, -1]].tolist()  # the count of c_A; of non-finite samples
                 p_A_low = clopper_pearson_lower(n_A, n, alpha)  # LOWERCONFBOUND(n_A, n, 1 - alpha)
+                R = radius(p_A_low, self.sigma)  # sigma * PhiInv(p_A_low) if above 1/2, else None
             else:  # Algorithm 2's CERTIFYHOEFFDING and CERTIFYBERNSTEIN
                 z_hat_0 = self._moments(x, n0, batch_size, generator)[0] / n0  # SAMPLEUNDERNOISE
                 c_A = int(z_hat_0.argmax())  # c_A <- argmax_c z_hat_0^c
@@ -109,9 +108,8 @@ class Smooth:
                     z_A_low = hoeffding_lower(z_hat_A, n, alpha)  # Eq. 23
                 else:
                     z_A_low = bernstein_lower(z_hat_A, sample_variance(A_1, A_2, n), n, alpha)
-                p_A_low = z_A_low  # Eq. 20: z_A_low takes p_A_low's place in the radius
+                R = radius(z_A_low, self.sigma)  # Eq. 20: sigma * PhiInv(z_A_low) if above 1/2
         warn_nonfinite(bad, n)
-        R = radius(p_A_low, self.sigma)  # sigma * PhiInv(p_A_low) if p_A_low > 1/2, else abstain
         return (Smooth.ABSTAIN, 0.0) if R is None else (c_A, R)
 
     @torch.inference_mode()
@@ -128,11 +126,12 @@ class Smooth:
     @torch.inference_mode()
     def _moments(self, x, num, batch_size, generator):
         """Algorithm 2's SAMPLEUNDERNOISE: (3, K) float64 sums over num samples of z and of z^2,
-        z = softmax(beta * u(x + eta)), and in row 2 the count of non-finite samples (z = 0)."""
+        z = softmax(beta * u(x + eta)), and in the third the count of non-finite samples (z = 0)."""
         sums = torch.zeros(3, self.num_classes, dtype=torch.float64, device=x.device)
         for logits in self._noisy_logits(x, num, batch_size, generator):
             finite = torch.isfinite(logits).all(1, keepdim=True)  # (b, 1)
-            z = F.softmax(self.beta * logits, dim=1).double().where(finite, 0.0)
+            gaps = logits - logits.amax(1, keepdim=True)  # <= 0: beta * gaps cannot overflow
+            z = F.softmax(self.beta * gaps, dim=1).double().where(finite, 0.0)
             sums[0] += z.sum(0)
             sums[1] += (z * z).sum(0)
             sums[2] += (~finite).sum()
@@ -274,7 +273,7 @@ def cap_of(settings):
         return math.inf
     try:
         return largest_radius(*[settings[k] for k in ("sigma", "n", "alpha", "bound")]) or 0.0
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, ArithmeticError):
         raise ValueError(
             "a settings record lacks a valid sigma, n, alpha or bound; it was edited: restore "
             "it, or certify afresh with --overwrite"
@@ -301,25 +300,21 @@ def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
             generator = records.input_generator(settings["seed"], i, smooth.device or x.device)
             prediction, R = smooth.certify(x, *[settings[k] for k in CERTIFY_ARGS], generator)
             dt = time.time() - t0
-            # Rounded down, so that a written radius never overclaims; from 1e10 on, R is a whole
-            # number in float64 and its digits are written exactly.
-            R_floor = math.floor(R * 1e5) / 1e5 if R < 1e10 else R
-            fields = (i, int(label), prediction, f"{R_floor:.5f}", int(prediction == int(label)))
-            line = "\t".join(map(str, fields)) + f"\t{dt:.3f}\n"
+            line = records.row_line(i, int(label), prediction, R, dt)
             try:
                 records.append_line(fd, line)
             except OSError as e:
                 raise ValueError(
                     f"could not write to {out} ({e.strerror}); make room, then rerun to continue"
                 ) from None
-            eta = (time.time() - t_start) / (j + 1) * (len(indices) - j - 1)
+            remaining = (time.time() - t_start) / (j + 1) * (len(indices) - j - 1)
             note = "".join(f"  ({w.message})" for w in caught)
             caught.clear()
             log(
                 f"{who}[{j + 1:>4}/{len(indices)}] idx {i:>5}  label {int(label)}  predict "
                 f"{prediction:>2}  radius {R:.3f}  "
                 f"{'correct' if prediction == int(label) else 'wrong  '}  {dt:.2f}s  ETA "
-                f"{eta / 60:.1f} min{note}",
+                f"{remaining / 60:.1f} min{note}",
                 flush=True,
             )
 
@@ -349,13 +344,13 @@ def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, wor
         certify_each(
             out, fd, smooth, dataset, mine, settings, f"rank {rank}: " if world > 1 else "", log
         )
+        if world > 1:  # rank 0 holds the lock until every process has written its rows
+            dist.barrier()
     finally:
         if f is None:
             os.close(fd)
         else:
             f.close()
-    if world > 1:
-        dist.barrier()
     if rank != 0:
         return None
     wanted = set(indices)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import stat
+from decimal import ROUND_FLOOR, Context, Decimal
 
 import torch
 
@@ -168,7 +169,7 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ValueError(f"--out {path} is not a regular file; choose another --out")
-    f = os.fdopen(fd, "a+", newline="")  # read as on disk: a CRLF stays two characters
+    f = os.fdopen(fd, "a+", encoding="utf-8", newline="")  # as on disk: a CRLF stays 2 characters
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -192,7 +193,8 @@ def _continue(f, path, settings, indices, check, overwrite, log):
             f"{path} is not a results file of certify.py (its first line is not the TSV header); "
             "choose another --out"
         )
-    last = text[text.rfind("\n") + 1 :]  # "" after a final newline
+    lines = text.splitlines(keepends=True)
+    last = lines[-1] if lines and lines[-1][-1] not in "\r\n" else ""  # a line without its end
     if len(last.split("\t")) == 6 and last.split("\t")[5].strip():  # a whole row (an editor's)
         append_line(f.fileno(), "\n")
         text += "\n"
@@ -201,7 +203,7 @@ def _continue(f, path, settings, indices, check, overwrite, log):
         f.truncate(len(text.encode()))
         log(f"warning: dropped the cut-off last row of {path}; its input will be certified again")
     saved = read_settings(path, strict=not overwrite)
-    body = text.partition("\n")[2]
+    body = "".join(text.splitlines()[1:])  # the rows, whatever their line ends
     differ = lambda keys: [k for k in keys if saved.get(k) != settings[k]]
     why = (
         f"it has rows but no settings record ({settings_path(path)})"
@@ -237,6 +239,13 @@ def _continue(f, path, settings, indices, check, overwrite, log):
             f"could not write {path} or its settings record ({e.strerror}); make room and rerun"
         ) from None
     return f, rows, todo
+
+
+def row_line(idx, label, predict, R, seconds):
+    """One row of a results TSV. The radius is R's exact binary value rounded down to 5 decimals,
+    so that a written radius never overclaims."""
+    R_text = Decimal(R).quantize(Decimal("1e-5"), ROUND_FLOOR, Context(prec=400))
+    return f"{idx}\t{label}\t{predict}\t{R_text}\t{int(predict == label)}\t{seconds:.3f}\n"
 
 
 def append_line(fd, line):

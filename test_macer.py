@@ -285,6 +285,27 @@ def test_loss_under_bf16_autocast_is_computed_in_float32():
     )
 
 
+def test_the_hinge_is_exact_up_to_gamma_25_in_float32_and_never_nan_beyond():
+    """K = 2, gaps d from 4 to 7 (beta = 16: runner-up probabilities 1.6e-28 to 1.5e-49, through
+    float32's smallest normal number 1.2e-38). At gamma = 25 float32's loss and gradient equal
+    float64's; at gamma = 30, where float64 still has a hinge, the gradient is finite (a
+    subnormal probability would make PhiInv' infinite and the gradient NaN)."""
+    d = torch.linspace(4, 7, 61)
+    u = torch.stack([d, torch.zeros_like(d)], 1)[:, None, :]  # (n, 1, 2)
+    y = torch.zeros(len(d), dtype=torch.long)
+    for gamma in (25.0, 30.0):
+        got = {}
+        for dtype in (torch.float32, torch.float64):
+            logits = u.to(dtype).detach().clone().requires_grad_()
+            _, _, loss_rob = macer_loss(logits, y, 0.25, 16.0, gamma, 16.0)
+            loss_rob.backward()
+            got[dtype] = (loss_rob.detach(), logits.grad)
+        assert torch.isfinite(got[torch.float32][1]).all()
+        if gamma == 25.0:
+            for a, b in zip(got[torch.float32], got[torch.float64], strict=True):  # loss, grad
+                torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-5)
+
+
 def test_macer_loss_rejects_bad_arguments_and_takes_an_empty_batch():
     y = torch.zeros(2, dtype=torch.long)
     for bad_logits in (torch.randn(2, 10), torch.randn(2, 0, 10)):  # no k axis; k = 0

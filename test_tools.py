@@ -145,6 +145,21 @@ class Stub(nn.Module):
         return torch.tensor([[0.0, 1.0]]).expand(len(x), 2)
 
 
+def test_soft_rs_takes_logits_whose_beta_multiple_overflows():
+    """Logits of 3e37 are finite, but beta = 16 times them is not (float32): Soft-RS subtracts the
+    top logit first, so z = softmax(beta * u) stays (0, 1) and the input is certified."""
+
+    class Huge(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 3e37]]).expand(len(x), 2)
+
+    smooth = Smooth(Huge(), 2, 0.25, beta=16.0)
+    label, R = smooth.certify(torch.zeros(1, 1, 3), 10, 100, 0.001, 50, bound="bernstein")
+    assert label == 1 and R == pytest.approx(
+        0.25 * norm.ppf(certify.bernstein_lower(1, 0, 100, 0.001))
+    )
+
+
 def toy_settings(**change):
     return {
         **dict(
@@ -294,6 +309,22 @@ def test_a_crlf_file_without_its_last_newline_keeps_every_row(tmp_path):
     assert cert(out, [0, 1, 2, 3, 4], log=lines.append)["n"] == 5
     assert "resuming" in lines[0] and "4 inputs done, 1 to go" in lines[0]
     assert [r["idx"] for r in records.read_tsv(str(out))] == [0, 1, 2, 3, 4]
+
+
+def test_a_written_radius_is_rounded_down_from_its_exact_value():
+    """Just below a step of 1e-5, R * 1e5 rounds up in float64 (2.99996 from 2.9999599999999997);
+    the row takes R's exact binary value, rounded down."""
+    for R in (2.9999599999999997, 1e10 + 0.123456789, 0.5, 0.0, 0.9530000000000001):
+        written = float(records.row_line(0, 1, 1, R, 0.1).split("\t")[3])
+        assert written <= R < written + 1e-5 + 1e-9, R
+
+
+def test_a_file_with_cr_line_ends_keeps_every_row(tmp_path):
+    out = tmp_path / "r.tsv"
+    cert(out, [0, 1, 2])
+    Path(out).write_bytes(Path(out).read_bytes().replace(b"\n", b"\r"))  # old Mac line ends
+    assert cert(out, [0, 1, 2, 3])["n"] == 4
+    assert [r["idx"] for r in records.read_tsv(str(out))] == [0, 1, 2, 3]
 
 
 def test_a_huge_radius_is_written_with_its_digits_and_read_back(tmp_path):
