@@ -101,15 +101,13 @@ def macer_loss(logits, targets, sigma, lbd, gamma, beta):
         PhiInv = lambda p: torch.special.ndtri(torch.where(where, p, 0.5))
         return -PhiInv(one_minus_z_y) - PhiInv(z_runner_up)
 
-    # The hinge max(gamma - xi_hat, 0) in two passes. PhiInv' = 1 / phi(PhiInv) is inf far
-    # outside the hinge region, where the hinge's zero gradient would become 0 * inf = NaN; so
-    # the first pass, without gradients, finds the region, and only its inputs are differentiated.
-    tiny = torch.finfo(z_hat_beta.dtype).tiny  # below it, PhiInv' overflows: 0 * inf = NaN
+    # The hinge max(gamma - xi_hat, 0) on the inputs of G where PhiInv' = 1 / phi(PhiInv) is
+    # finite: below the smallest normal number it overflows, and the hinge's zero gradient there
+    # (xi_hat > 25 in float32) would become 0 * inf = NaN.
+    tiny = torch.finfo(z_hat_beta.dtype).tiny
     inside = lambda p: (tiny <= p) & (p < 1)
     defined = in_G & inside(one_minus_z_y) & inside(z_runner_up)
-    with torch.no_grad():
-        active = defined & (xi_hat(defined) < gamma)
-    hinge = torch.where(active, gamma - xi_hat(active), torch.zeros_like(z_runner_up))  # (n,)
+    hinge = torch.where(defined, (gamma - xi_hat(defined)).clamp(min=0), 0.0)  # (n,)
     # Line 9 / Eq. 17: both terms are divided by n, the whole batch, not by |G|.
     loss_rob = lbd * sigma / 2 * hinge.sum() / n
     return loss_cls + loss_rob, loss_cls, loss_rob

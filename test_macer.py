@@ -198,10 +198,10 @@ def test_hinge_gradient_is_exactly_zero_outside_G_or_beyond_gamma():
     assert (grad[alive].abs().sum((1, 2)) > 0).all()
 
 
-def test_two_passes_are_needed_a_single_masked_pass_gives_nan():
-    """An input deep in G (1 - z_y about 2e-42 in float32, xi_hat about 27 > gamma): PhiInv'
-    overflows there, so a single pass's zero hinge gradient becomes 0 * inf = NaN; macer_loss's is
-    0."""
+def test_subnormal_probabilities_leave_the_hinge_an_unmasked_pass_gives_nan():
+    """An input deep in G (1 - z_y about 2e-42 in float32, subnormal; xi_hat about 27 > gamma):
+    PhiInv' overflows there, so an unmasked hinge's zero gradient becomes 0 * inf = NaN;
+    macer_loss's is 0."""
     logits = torch.tensor(
         [[[6.0, 0.0]]], requires_grad=True
     )  # beta * margin = 96: exp(-96) is subnormal
