@@ -319,23 +319,31 @@ def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
             )
 
 
+def from_rank0(value):
+    """value as rank 0 has it, in every process of a torchrun launch."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
 def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, world=1, log=print):
     """Certify dataset[i] for i in indices into the results file `out`, each process (rank of world)
     taking every world-th input still missing. Returns, on rank 0, the summary of the rows among
     `indices`, with `seconds`, the sum of their certification times."""
     check = records.row_check(cap_of(settings), data.labels(dataset), smooth.num_classes)
-    state, f = [None], None
+    state, f = None, None
     if rank == 0:
         try:
             f, rows, todo = records.open_results(out, settings, indices, check, overwrite, log)
-            state = [(len(rows), todo)]
+            state = (len(rows), todo)
         except ValueError as e:
-            state = [str(e)]
-    if world > 1:
-        dist.broadcast_object_list(state, src=0)  # rank 0's verdict: no process certifies alone
-    if isinstance(state[0], str):
-        raise ValueError(state[0])
-    done, todo = state[0]
+            state = str(e)
+    state = from_rank0(state)  # rank 0's verdict: no process certifies alone
+    if isinstance(state, str):
+        raise ValueError(state)
+    done, todo = state
     if rank == 0 and done:
         log(f"resuming {out}: {done} inputs done, {len(todo)} to go")
     mine = todo[rank::world]
@@ -662,7 +670,7 @@ def run(a):
         out = a.out or os.path.splitext(a.checkpoint)[0] + f"_{a.bound}_n{a.n}.tsv"
         batch = a.batch or models.default_batch(cfg["arch"], device)
         precision = certify_precision(a, model, device, out, batch, len(indices), facts.shape)
-        precision = models.from_rank0(precision)  # every process certifies in rank 0's
+        precision = from_rank0(precision)  # every process certifies in rank 0's
         model = models.fast_path(model.to(device).eval(), precision)
         smooth = Smooth(model, facts.classes, sigma, beta, device=device)
         # The record of this run: what its rows mean (records.MEANING), how the noise was drawn

@@ -220,8 +220,10 @@ def load_torchvision(name, data_dir, train):
     torchvision, which checks the files' MD5 sums; missing or corrupt files are downloaded."""
     from torchvision.datasets import CIFAR10, SVHN
 
-    cls, split = (CIFAR10, dict(train=train)) if name == "cifar10" else (SVHN, {})
-    split = split or dict(split="train" if train else "test")
+    if name == "cifar10":
+        cls, split = CIFAR10, dict(train=train)
+    else:
+        cls, split = SVHN, dict(split="train" if train else "test")
     try:
         with contextlib.redirect_stdout(sys.stderr):
             try:

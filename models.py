@@ -303,15 +303,6 @@ def join_processes(device_name):
     return device, rank, world, joined
 
 
-def from_rank0(value):
-    """value as rank 0 has it, in every process of a torchrun launch."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
 def strip_prefix(state_dict):
     """Drop Sequential/DataParallel prefixes such as '1.module.' from Cohen et al.'s keys."""
     return {re.sub(r"^((\d+|module)\.)+", "", k): v for k, v in state_dict.items()}

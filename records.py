@@ -195,7 +195,8 @@ def _continue(f, path, settings, indices, check, overwrite, log):
         )
     lines = text.splitlines(keepends=True)
     last = lines[-1] if lines and lines[-1][-1] not in "\r\n" else ""  # a line without its end
-    if len(last.split("\t")) == 6 and last.split("\t")[5].strip():  # a whole row (an editor's)
+    fields = last.split("\t")
+    if len(fields) == 6 and fields[5].strip():  # a whole row whose newline an editor dropped
         append_line(f.fileno(), "\n")
         text += "\n"
     elif last:  # a kill inside a write: the last line is cut short

@@ -308,7 +308,7 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     loader = isinstance(train_set, torch.utils.data.DataLoader)  # whose len() counts batches
     per_epoch = len(train_set) if loader else len(train_set) // (cfg.batch * world)
     precision = training_precision(cfg, model, device, ckpt, cfg.epochs * per_epoch, log)
-    precision = models.from_rank0(precision)  # every process trains in rank 0's precision
+    precision = certify.from_rank0(precision)  # every process trains in rank 0's precision
     model = model.to(memory_format=torch.channels_last)  # the saved model; net trains it
     net = model
     if ddp:
@@ -537,10 +537,10 @@ def save_checkpoint(path, run, cfg, progress, device, rank, world):
         dist.barrier()  # rank 0 is writing the checkpoint that certification will read
         return
     model, opt, sched = run
-    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, **progress)
-    state.update(scheduler=sched.state_dict(), config=dataclasses.asdict(cfg))
-    state["config"].update(precision=describe_precisions(progress["precisions"]))
-    state["config"].update(device_name=models.device_name(device))
+    precision, machine = describe_precisions(progress["precisions"]), models.device_name(device)
+    config = dict(dataclasses.asdict(cfg), precision=precision, device_name=machine)
+    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, config=config)
+    state.update(scheduler=sched.state_dict(), **progress)
     try:
         data.atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
