@@ -9,7 +9,9 @@ sigma * PhiInv(p_A_low), p_A_low a 1 - alpha lower confidence bound on the top c
 
 import argparse
 import contextlib
+import importlib.util
 import math
+import numbers
 import os
 import sys
 import time
@@ -172,25 +174,16 @@ def largest_radius(sigma, n, alpha, bound):
 
 def is_number(v):
     """A real number: Python's, numpy's or a 0-d tensor's; never a bool."""
-    return (
-        not isinstance(v, bool)
-        and isinstance(v, (int, float, np.integer, np.floating))
-        or (
-            isinstance(v, torch.Tensor)
-            and v.dim() == 0
-            and not v.dtype.is_complex
-            and v.dtype != torch.bool
-        )
-    )
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not (v.dtype.is_complex or v.dtype == torch.bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
 def check_smooth(num_classes, sigma, beta):
     for name, v in (("sigma", sigma), ("beta", beta)):
         if not (is_number(v) and math.isfinite(float(v)) and float(v) > 0):
             raise ValueError(f"{name} must be a finite number > 0, not {v!r}")
-    if not (
-        isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 2
-    ):
+    if not (type(num_classes) is int and num_classes >= 2):
         raise ValueError(f"num_classes must be an integer >= 2, not {num_classes!r}")
 
 
@@ -213,14 +206,13 @@ def check_call(smooth, x, alpha, batch_size, bound="clopper-pearson", **counts):
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             raise ValueError(f"{name} must be an integer >= 1, not {v!r}")
     f = smooth.base_classifier
-    modules = list(f.modules()) if isinstance(f, torch.nn.Module) else []
-    modes = [m.training for m in modules]
-    for m in modules:
+    modes = [(m, m.training) for m in f.modules()] if isinstance(f, torch.nn.Module) else []
+    for m, _ in modes:
         m.training = False
     try:
         yield x.to(smooth.device) if smooth.device is not None else x
     finally:
-        for m, mode in zip(modules, modes, strict=True):
+        for m, mode in modes:
             m.training = mode
 
 
@@ -254,15 +246,12 @@ def shape_hint(x):
 
 def warn_nonfinite(bad, num):
     if bad:
-        warnings.warn(
-            f"{int(bad)} of {num} noisy samples gave non-finite logits; they voted for no class",
-            stacklevel=3,
-        )
+        message = f"{int(bad)} of {num} noisy samples gave non-finite logits: no class's vote"
+        warnings.warn(message, stacklevel=3)
 
 
 def out_of_memory(error):
-    """Whether a RuntimeError from torch is an allocation failure (CUDA's, or the CPU
-    allocator's)."""
+    """Whether a RuntimeError from torch is an allocation failure (CUDA's or the CPU's)."""
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
@@ -461,35 +450,23 @@ def compare(paths, resamples=10_000, seed=0):
         common = sorted(set(a) & set(b))
         if not common:
             raise ValueError(
-                f"{path_a} and {path_b} share no inputs; compare results on the same test images"
+                f"{path_a} and {path_b} share no inputs; compare them on the same images"
             )
-        for i in common:
-            if a[i]["label"] != b[i]["label"]:
-                raise ValueError(
-                    f"{path_a} and {path_b} disagree on the label of input {i}: they were not "
-                    "certified on the same test set"
-                )
-        notes = differences(path_a, path_b)
+        i = next((i for i in common if a[i]["label"] != b[i]["label"]), None)
+        if i is not None:
+            raise ValueError(
+                f"{path_a} and {path_b} disagree on the label of input {i}: they were not "
+                "certified on the same test set"
+            )
         s_a, s_b = (summarize([rows[i] for i in common]) for rows in (a, b))
-        credit = lambda rows, common=common: np.array(
-            [rows[i]["radius"] * rows[i]["correct"] for i in common]
-        )
-        d = credit(b) - credit(a)  # (m,) per-input difference of the ACR's terms
+        credit = [np.array([r[i]["radius"] * r[i]["correct"] for i in common]) for r in (a, b)]
+        d = credit[1] - credit[0]  # (m,) per-input difference of the ACR's terms
         lo, hi = np.percentile(bootstrap_means(d, resamples, rng), [2.5, 97.5])
         diffs.append(d)
-        pairs.append(
-            dict(
-                a=path_a,
-                b=path_b,
-                n=len(common),
-                acr_a=s_a["acr"],
-                acr_b=s_b["acr"],
-                diff=float(d.mean()),
-                ci=(float(lo), float(hi)),
-                cert_acc_diff={r: s_b["cert_acc"][r] - s_a["cert_acc"][r] for r in RADII},
-                notes=notes,
-            )
-        )
+        pairs.append(dict(a=path_a, b=path_b, n=len(common), acr_a=s_a["acr"], acr_b=s_b["acr"]))
+        pairs[-1].update(diff=float(d.mean()), ci=(float(lo), float(hi)))
+        pairs[-1].update(notes=differences(path_a, path_b))
+        pairs[-1]["cert_acc_diff"] = {r: s_b["cert_acc"][r] - s_a["cert_acc"][r] for r in RADII}
     result = dict(pairs=pairs, seed=seed)
     if len(pairs) > 1:
         m = len(pairs)
@@ -500,14 +477,10 @@ def compare(paths, resamples=10_000, seed=0):
         rows, cols = np.arange(resamples)[:, None], np.arange(m)[None, :]
         two_level = inner[pick, rows, cols].mean(1)  # (resamples, m) -> (resamples,)
         lo, hi = np.percentile(two_level, [2.5, 97.5])
-        spread = lambda v: dict(
-            mean=float(np.mean(v)), sd=float(np.std(v, ddof=1)), min=min(v), max=max(v)
-        )
-        result.update(
-            diff=float(np.mean([p["diff"] for p in pairs])),
-            ci=(float(lo), float(hi)),
-            **{key: spread([p[key] for p in pairs]) for key in ("acr_a", "acr_b")},
-        )
+        result.update(diff=float(np.mean([p["diff"] for p in pairs])), ci=(float(lo), float(hi)))
+        for key in ("acr_a", "acr_b"):
+            v = [p[key] for p in pairs]
+            result[key] = dict(mean=np.mean(v), sd=np.std(v, ddof=1), min=min(v), max=max(v))
     return result
 
 
@@ -525,12 +498,11 @@ def format_comparison(c):
             *(f"note: {note}" for note in p["notes"]),
         ]
     if several:
+        coarse = "; with under 5 pairs the pair level is coarse" * (len(c["pairs"]) < 5)
         lines.append(
             f"over the {len(c['pairs'])} pairs: mean ACR difference B - A {c['diff']:+.3f}, 95% "
-            "two-level bootstrap "
-            f"interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (pairs resampled, then inputs within "
-            "each"
-            + ("; with under 5 pairs the pair level is coarse)" if len(c["pairs"]) < 5 else ")")
+            f"two-level bootstrap interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (pairs "
+            f"resampled, then inputs within each{coarse})"
         )
         lines += [
             f"ACR of {side} over the pairs: mean {s['mean']:.3f}, SD {s['sd']:.3f}, range "
@@ -550,35 +522,16 @@ def parse_args(argv):
     )
     add = p.add_argument
     add("checkpoint", nargs="?", help="this project's checkpoint, the MACER authors' or Cohen's")
-    add(
-        "--compare",
-        nargs="+",
-        metavar="TSV",
-        help="A B: the paired ACR difference B - A; "
-        "A1 B1 A2 B2 ... (one pair per training seed): also their mean over seeds and images",
-    )
-    add(
-        "--dataset",
-        help="mnist, fashion-mnist, cifar10, svhn, imagenet (default: the checkpoint's)",
-    )
+    add("--compare", nargs="+", metavar="TSV", help="A B, or A1 B1 A2 B2 ... (a pair per seed)")
+    add("--dataset", help="mnist, fashion-mnist, cifar10, svhn, imagenet (default: the model's)")
     add("--arch", help="lenet, resnet110, resnet20, ..., resnet50 (default: the checkpoint's)")
     add("--sigma", type=float, help="noise level (default: the checkpoint's)")
-    add(
-        "--no-normalize",
-        action="store_true",
-        help="the network takes [0, 1] inputs unnormalised, "
-        "as the MACER authors' checkpoints do (default: the checkpoint's)",
-    )
+    add("--no-normalize", action="store_true", help="the network takes [0, 1] inputs, as MACER's")
     add("--data-dir", default="data")
     add("--n0", type=int, default=data.CERT["n0"], help="selection samples")
     add("--n", type=int, default=data.CERT["n"], help="estimation samples")
     add("--alpha", type=float, default=data.CERT["alpha"], help="failure probability")
-    add(
-        "--batch",
-        type=int,
-        help="noisy samples per forward pass (default: 400 on a CPU, 100 for "
-        "ImageNet there; 10,000 on CUDA, 400 for ImageNet)",
-    )
+    add("--batch", type=int, help="noisy samples per forward pass (default: models.default_batch)")
     add("--start", type=int, default=0, help="the first test image (the MACER authors' code: 500)")
     add("--skip", type=int, help="certify every skip-th test image (default: the protocol's)")
     add("--max", type=int, help="at most this many images (default: the protocol's)")
@@ -627,13 +580,8 @@ def check_args(a):
         raise ValueError(f"--seed must be an integer in [0, 2^32), not {a.seed}")
     if a.fp32 and a.bf16:
         raise ValueError("--fp32 and --bf16 contradict each other; give at most one")
-    if a.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                "--plot needs matplotlib: pip install matplotlib, or drop --plot"
-            ) from None
+    if a.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib, or drop --plot")
 
 
 def main(argv=None):

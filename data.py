@@ -110,13 +110,11 @@ os.umask(UMASK)
 
 
 def atomic_write(path, content):
-    """Write content (str, bytes, or a function that writes to a binary file) to a new temporary
-    file beside path, flush it to disk, then rename it to path: a crash leaves the old file or the
-    new one, never half of one, and an error (a full disk) raises OSError with the old file as it
-    was and the temporary file removed. A symlink at path is replaced, never written through."""
-    fd, tmp = tempfile.mkstemp(
-        dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}."
-    )
+    """Write content (str, bytes, or a function that writes to a binary file) to a temporary file
+    beside path, flush it to disk, rename it to path: a crash leaves the old file or the new one,
+    an error (a full disk) raises OSError with the old file as it was. A symlink is replaced."""
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f".{name}.")
     try:
         with os.fdopen(fd, "wb") as f:  # closed here, so that a failed flush raises
             if callable(content):
@@ -289,31 +287,23 @@ def fingerprint(dataset):
 def crop_flip(x, pad=4):
     """Random crop with zero padding and random horizontal flip, per image, on x's device."""
     b, C, H, W = x.shape
-    x_pad = F.pad(x, (pad, pad, pad, pad))
-    i0 = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=x.device)
-    j0 = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=x.device)
-    rows = i0 + torch.arange(H, device=x.device).view(1, 1, H, 1)  # (b, 1, H, 1)
-    cols = j0 + torch.arange(W, device=x.device).view(1, 1, 1, W)  # (b, 1, 1, W)
-    x = x_pad[
-        torch.arange(b, device=x.device).view(b, 1, 1, 1),
-        torch.arange(C, device=x.device).view(1, C, 1, 1),
-        rows,
-        cols,
-    ]  # (b, C, H, W)
+    arange = lambda n, shape: torch.arange(n, device=x.device).view(shape)
+    i0, j0 = torch.randint(0, 2 * pad + 1, (2, b, 1, 1, 1), device=x.device)  # (b, 1, 1, 1) each
     flip = torch.rand(b, 1, 1, 1, device=x.device) < 0.5
-    return torch.where(flip, x.flip(3), x)
+    cols = arange(W, (1, 1, 1, W))
+    cols = j0 + torch.where(flip, W - 1 - cols, cols)  # (b, 1, 1, W), reversed where flipped
+    rows = i0 + arange(H, (1, 1, H, 1))  # (b, 1, H, 1)
+    x_pad = F.pad(x, (pad, pad, pad, pad))
+    return x_pad[arange(b, (b, 1, 1, 1)), arange(C, (1, C, 1, 1)), rows, cols]  # (b, C, H, W)
 
 
 def batches(data, batch, epoch, seed, augment, device, rank=0, world=1):
     """(x, y) minibatches on `device` for one epoch, this process's shard. A TensorImages sits on
-    the device whole and is shuffled with a generator seeded by (seed, epoch), so a resumed run sees
-    the same order. Every rank takes the same number of steps (the tail that does not split evenly
-    is dropped, as DistributedSampler(drop_last=True) does); otherwise DDP's all-reduce would
-    hang."""
+    the device whole, shuffled by (seed, epoch): a resumed run sees the same order. Every rank takes
+    as many steps (else DDP's all-reduce would hang): the tail that does not split is dropped."""
     if isinstance(data, TensorImages):
-        perm = torch.randperm(
-            len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)
-        )
+        shuffle = torch.Generator().manual_seed(seed * 1000 + epoch)
+        perm = torch.randperm(len(data), generator=shuffle)
         perm = perm[: len(perm) // world * world][rank::world].to(device)
         for s in range(0, len(perm), batch):
             idx = perm[s : s + batch]

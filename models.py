@@ -6,6 +6,7 @@ non-persistent buffers, so the state dicts carry exactly the parameter names of 
 released LeNet and ResNet-110, and of torchvision's ResNet-50.
 """
 
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -29,10 +30,9 @@ class Normalize(nn.Module):
 
     def __init__(self, mean, std):
         super().__init__()
-        self.register_buffer(
-            "mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False
-        )  # (1, C, 1, 1)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        shape = (1, -1, 1, 1)  # (C,) -> (1, C, 1, 1), to broadcast over (b, C, H, W)
+        self.register_buffer("mean", torch.tensor(mean).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(shape), persistent=False)
 
     def forward(self, x):
         return (x - self.mean) / self.std
@@ -119,13 +119,11 @@ class ResNet50(torchvision.models.ResNet):
     """torchvision's ResNet-50, unchanged but for the normalisation in front."""
 
     def __init__(self, normalize=None, num_classes=1000):
-        super().__init__(
-            torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes
-        )
+        super().__init__(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], num_classes)
         self.normalize = normalize or nn.Identity()
         self.fc = LogitLinear(
             self.fc.in_features, num_classes
-        )  # torchvision's init of fc: nn.Linear's own
+        )  # nn.Linear's init, as torchvision's
 
     def forward(self, x):
         return super().forward(self.normalize(x))
@@ -156,26 +154,16 @@ def get_model(dataset, normalize=True, arch=None):
     return CifarResNet(int(arch[len("resnet") :]), norm, facts.classes)
 
 
-def cpuinfo(field):
-    """The first `field` line of /proc/cpuinfo (Linux), e.g. "flags" or "model name"; ""
-    elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.split(":")[0].strip() == field), ""
-            )
-    except OSError:
-        return ""
-
-
 def device_name(device):
     """The GPU's name, or the CPU's model and the threads torch uses: every timing names its
     machine."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = cpuinfo("model name") or platform.processor() or "cpu"
-    return f"{model} ({torch.get_num_threads()} threads)"
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # Linux
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    return f"{model or platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
 BF16_MARGIN = 1.2  # bf16 only where it measures at least this much faster: noise cannot flip it
@@ -259,13 +247,10 @@ def fast_path(model, precision):
 
 
 def default_batch(arch, device):
-    """Noisy samples per forward pass. On a CPU, 400 (100 for ResNet-50): the best of bench.py's
-    grid for LeNet on a Xeon and on an AMD EPYC; for ResNet-20, 0.95x the best (200) on the Xeon and
-    0.77x the best (100) on the EPYC (results/README.md). On a GPU, 10,000 (400 for ResNet-50) is a
-    guess until bench.py runs on one."""
-    if torch.device(device).type == "cuda":
-        return 400 if arch == "resnet50" else 10_000
-    return 100 if arch == "resnet50" else 400
+    """Noisy samples per forward pass. On a CPU: for LeNet the best of bench.py's grid (row 3b) on
+    a Xeon and an AMD EPYC, for ResNet-20 at least 0.77x the best's speed; on a GPU, a guess."""
+    cuda = torch.device(device).type == "cuda"
+    return (400 if cuda else 100) if arch == "resnet50" else (10_000 if cuda else 400)
 
 
 def check_device(name):
@@ -273,12 +258,10 @@ def check_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not (
-        torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-    ):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(
             f"no CUDA device {name!r} is visible here ({torch.cuda.device_count()} GPUs): use "
             "--device cpu"
@@ -303,11 +286,6 @@ def join_processes(device_name):
     return device, rank, world, joined
 
 
-def strip_prefix(state_dict):
-    """Drop Sequential/DataParallel prefixes such as '1.module.' from Cohen et al.'s keys."""
-    return {re.sub(r"^((\d+|module)\.)+", "", k): v for k, v in state_dict.items()}
-
-
 def load_checkpoint(path, dataset=None, arch=None, normalize=None):
     """Load this project's checkpoint, the MACER authors' ({'net', 'epoch'}; they feed the network
     unnormalised [0, 1] inputs) or Cohen et al.'s ({'arch', 'state_dict'}; their normalisation is
@@ -322,9 +300,8 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}") from None
     except Exception as e:
-        why = type(e).__name__
         raise ValueError(
-            f"{path} is not a readable PyTorch checkpoint ({why}); is the file complete?"
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); is it complete?"
         ) from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds no state dict; pass a train.py, MACER or Cohen checkpoint")
@@ -333,7 +310,6 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
         if not isinstance(ckpt["config"], dict):
             raise ValueError(f"{path} has a config that is not a dict; not saved by train.py")
         cfg, state = dict(ckpt["config"]), ckpt["model"]
-        cfg.update(epochs_done=ckpt.get("epoch"), train_seconds=ckpt.get("train_seconds"))
     elif "net" in ckpt:  # the MACER authors'
         cfg, state = {"normalize": False}, ckpt["net"]
     elif "state_dict" in ckpt:  # Cohen et al.'s: Sequential(NormalizeLayer, DataParallel(net))
@@ -356,7 +332,8 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
     cfg["sha256"] = hashlib.sha256(blob).hexdigest()
     model = get_model(cfg["dataset"], cfg["normalize"], cfg["arch"])
     try:
-        model.load_state_dict(strip_prefix(state))
+        # Cohen et al.'s keys without their Sequential and DataParallel prefixes ('1.module.')
+        model.load_state_dict({re.sub(r"^((\d+|module)\.)+", "", k): v for k, v in state.items()})
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0][:200]
         raise ValueError(

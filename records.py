@@ -53,14 +53,12 @@ def read_settings(tsv_path, strict=True):
         return None
     except (OSError, ValueError):
         saved = None
-    if not isinstance(saved, dict) and not strict:
-        return None
-    if not isinstance(saved, dict):
-        raise ValueError(
-            f"{path} is not a readable settings record; delete it together with {tsv_path}, or "
-            "pass --overwrite to certify afresh"
-        )
-    return saved
+    if isinstance(saved, dict) or not strict:
+        return saved if isinstance(saved, dict) else None
+    raise ValueError(
+        f"{path} is not a readable settings record; delete it together with {tsv_path}, or pass "
+        "--overwrite to certify afresh"
+    )
 
 
 # ---------------------------------------------------------------- rows
@@ -106,14 +104,8 @@ def parse_rows(text, path, check):
     for number, line in enumerate(lines[1:], start=2):
         try:
             i, label, pred, R, correct, t = line.split("\t")
-            row = dict(
-                idx=int(i),
-                label=int(label),
-                predict=int(pred),
-                radius=float(R),
-                correct=int(correct),
-                time=parse_time(t),
-            )
+            row = dict(idx=int(i), label=int(label), predict=int(pred), radius=float(R))
+            row.update(correct=int(correct), time=parse_time(t))
         except ValueError:
             raise ValueError(
                 f"line {number} of {path} is corrupt; delete that line to certify its input again"

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import certify
 import data
@@ -55,7 +57,7 @@ def epoch_lambda(cfg, epoch):
     return 0.0 if cfg.dynamic_lbd and epoch < cfg.milestones[0] else cfg.lbd
 
 
-def log_stats(stats, head, log):
+def log_stats(stats, head, log, tail=""):
     """One progress line; a non-finite loss ends the run here, before a checkpoint can keep it."""
     s = stats.tolist()
     if not all(map(math.isfinite, s[:2])):
@@ -64,10 +66,10 @@ def log_stats(stats, head, log):
             "one: lower --lr or --lbd, or clip harder with a smaller --grad-clip (0 is no clip)"
         )
     log(
-        f"{head}  loss_cls {s[0] / s[3]:.4f}  loss_rob {s[1] / s[3]:.4f}  acc {s[2] / s[3]:.4f}",
+        f"{head}  loss_cls {s[0] / s[3]:.4f}  loss_rob {s[1] / s[3]:.4f}  acc {s[2] / s[3]:.4f}"
+        + tail,
         flush=True,
     )
-    return s
 
 
 # ---------------------------------------------------------------- configuration
@@ -132,13 +134,8 @@ def recipe(dataset, sigma, method):
     """The paper's setting for (dataset, sigma, method), as a Config."""
     facts = data.dataset_facts(dataset)
     r = facts.recipe
-    lbd = r.lbd[
-        min(r.lbd, key=lambda s: abs(s - sigma))
-    ]  # a sigma the paper did not use: the nearest one's
-    cert = {
-        f"cert_{key}": v
-        for key, v in {**data.CERT, "skip": facts.skip, "max": facts.max, **r.cert}.items()
-    }
+    lbd = r.lbd[min(r.lbd, key=lambda s: abs(s - sigma))]  # a sigma not in the paper: the nearest
+    cert = {**data.CERT, "skip": facts.skip, "max": facts.max, **r.cert}
     same = "epochs lr k gamma beta augment grad_clip train_subset".split()  # Recipe's and Config's
     cfg = Config(
         dataset=dataset,
@@ -149,7 +146,7 @@ def recipe(dataset, sigma, method):
         lbd=lbd,
         dynamic_lbd=sigma in r.dynamic_lbd,
         **{name: getattr(r, name) for name in same},
-        **cert,
+        **{f"cert_{key}": v for key, v in cert.items()},
     )
     return dataclasses.replace(cfg, k=1, lbd=0.0, dynamic_lbd=False) if method == "cohen" else cfg
 
@@ -230,12 +227,7 @@ def parse_config(argv=None):
         raise ValueError(
             "--resume continues the run in --out-dir and --overwrite replaces it; give one of them"
         )
-    base = Config()
-    cfg = recipe(
-        flags.get("dataset", base.dataset),
-        flags.get("sigma", base.sigma),
-        flags.get("method", base.method),
-    )
+    cfg = recipe(*(flags.get(k, getattr(Config, k)) for k in ("dataset", "sigma", "method")))
     cfg = dataclasses.replace(cfg, **flags)
     if not cfg.out_dir:
         cfg.out_dir = os.path.join("runs", f"{cfg.dataset}_{cfg.method}_s{cfg.sigma}")
@@ -303,18 +295,15 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     model, opt, sched = build(cfg, device, ckpt, rank)
-    train_set = load_train_set(cfg, device, world > 1)
     ddp = world > 1
-    loader = isinstance(train_set, torch.utils.data.DataLoader)  # whose len() counts batches
+    train_set = load_train_set(cfg, device, ddp)
+    loader = isinstance(train_set, DataLoader)  # whose len() counts batches
     per_epoch = len(train_set) if loader else len(train_set) // (cfg.batch * world)
     precision = training_precision(cfg, model, device, ckpt, cfg.epochs * per_epoch, log)
     precision = certify.from_rank0(precision)  # every process trains in rank 0's precision
     model = model.to(memory_format=torch.channels_last)  # the saved model; net trains it
-    net = model
-    if ddp:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    gpu = [device.index] if device.type == "cuda" else None
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu) if ddp else model
     net = models.fast_path(torch.compile(net) if cfg.compile else net, precision)
     precisions = epoch_precisions(ckpt)
     log(
@@ -322,10 +311,6 @@ def fit(cfg, flags, resume, overwrite, rank, world):
         f"{cfg.lbd}{' (dynamic)' if cfg.dynamic_lbd else ''}, gamma {cfg.gamma}, beta {cfg.beta}, "
         f"{cfg.epochs} epochs, {device} {precision}, {world} process(es) -> {cfg.out_dir}"
         + (f"; resumed at epoch {ckpt['epoch']}" if ckpt else "")
-    )
-    log(
-        f"{'epoch':>5} {'loss_cls':>9} {'loss_rob':>9} {'acc':>6} {'lr':>8} {'img/s':>7} "
-        f"{'time':>8}  precision"
     )
     t_run = time.time() - (ckpt["train_seconds"] if ckpt else 0.0)
     for epoch in range(ckpt["epoch"] if ckpt else 0, cfg.epochs):
@@ -336,12 +321,12 @@ def fit(cfg, flags, resume, overwrite, rank, world):
         )
         loss_args = (cfg.k, cfg.sigma, epoch_lambda(cfg, epoch), cfg.gamma, cfg.beta)
         steps = train_one_epoch(net, opt, batches, *loss_args, cfg.grad_clip)
-        stats = None
+        stats = 0
         for step, s in enumerate(steps, 1):
-            stats = s if stats is None else stats + s
+            stats = stats + s
             if step % cfg.log_every == 0:  # the only host sync inside an epoch
                 log_stats(stats, f"  step {step:>6}", log)
-        if stats is None:  # fewer images than processes
+        if isinstance(stats, int):  # no batch: fewer images than processes
             raise ValueError(
                 f"the training set gives no batch of {cfg.batch} to each of {world} process(es)"
             )
@@ -349,15 +334,12 @@ def fit(cfg, flags, resume, overwrite, rank, world):
         sched.step()
         if ddp:
             dist.all_reduce(stats)
-        s = log_stats(stats, f"epoch {epoch + 1}", lambda *a, **k: None)
-        means = f"{s[0] / s[3]:>9.4f} {s[1] / s[3]:>9.4f} {s[2] / s[3]:>6.3f}"
-        rates = f"{s[3] / (time.time() - t0):>7.0f} {time.time() - t_run:>7.0f}s"
-        log(f"{epoch + 1:>5} {means} {lr:>8.5f} {rates}  {precision}", flush=True)
+        rate = f"{stats[3].item() / (time.time() - t0):.0f} img/s, {time.time() - t_run:.0f}s"
+        log_stats(stats, f"epoch {epoch + 1}", log, f"  lr {lr:.5f}  {rate}  {precision}")
         precisions.append(precision)
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-            progress = dict(
-                epoch=epoch + 1, train_seconds=time.time() - t_run, precisions=precisions
-            )
+            progress = dict(epoch=epoch + 1, train_seconds=time.time() - t_run)
+            progress["precisions"] = precisions
             save_checkpoint(ckpt_path, (model, opt, sched), cfg, progress, device, rank, world)
     if cfg.cert_max > 0:
         log(f"trained in {time.time() - t_run:.0f}s; checkpoint {ckpt_path}")
@@ -438,21 +420,10 @@ def load_train_set(cfg, device, ddp):
     N = cfg.train_subset or len(train_set)
     if isinstance(train_set, data.TensorImages):
         return data.TensorImages(train_set.x[:N].to(device), train_set.y[:N].to(device))
-    train_set = torch.utils.data.Subset(train_set, range(min(N, len(train_set))))
-    sampler = (
-        torch.utils.data.DistributedSampler(train_set, seed=cfg.seed, drop_last=True)
-        if ddp
-        else None
-    )
-    return torch.utils.data.DataLoader(
-        train_set,
-        cfg.batch,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-    )
+    train_set = Subset(train_set, range(min(N, len(train_set))))
+    sampler = DistributedSampler(train_set, seed=cfg.seed, drop_last=True) if ddp else None
+    opts = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True)
+    return DataLoader(train_set, cfg.batch, shuffle=sampler is None, sampler=sampler, **opts)
 
 
 def lr_schedule(opt, milestones):
@@ -512,15 +483,12 @@ def epoch_precisions(ckpt):
 
 def describe_precisions(precisions):
     """ "bf16", or "bf16 in epochs 1-5, fp32 in epochs 6-10" where a resume changed it."""
-    spans = []  # [precision, first epoch, last epoch]
-    for epoch, p in enumerate(precisions, 1):
-        if spans and spans[-1][0] == p:
-            spans[-1][2] = epoch
-        else:
-            spans.append([p, epoch, epoch])
-    if len(spans) == 1:
-        return spans[0][0]
-    return ", ".join(f"{p} in epochs {a}-{b}" for p, a, b in spans)
+    spans, first = [], 1
+    for p, run in itertools.groupby(precisions):
+        last = first + len(list(run)) - 1
+        spans.append(f"{p} in epochs {first}-{last}")
+        first = last + 1
+    return precisions[0] if len(spans) == 1 else ", ".join(spans)
 
 
 def save_checkpoint(path, run, cfg, progress, device, rank, world):
