@@ -27,7 +27,6 @@ import datetime
 import itertools
 import json
 import multiprocessing
-import os
 import statistics
 import time
 
@@ -43,10 +42,10 @@ from macer import macer_loss, noisy_copies
 
 ROWS = ("1", "2", "3b", "3d", "3e", "5a", "5b", "6a", "6b")  # results/tables.py shows only these
 SIGMA, N, K = 0.25, 64, 16  # noise level; inputs per step; Gaussian copies per input
-LBD, GAMMA, BETA = 16.0, 8.0, 16.0  # the MNIST recipe's loss settings
+RECIPE = train.recipe("fashion-mnist", SIGMA, "macer")  # its loss settings and SGD, as train.py's
+LBD, GAMMA, BETA = RECIPE.lbd, RECIPE.gamma, RECIPE.beta
 N0, ALPHA = 100, 0.001
 STEPS_PER_EPOCH = 782  # ceil(50,000 / 64)
-E10 = "results/e10/macer_s0.25/checkpoint.pt"  # row 6's 10-epoch LeNet, if this checkout has it
 
 
 # ---------------------------------------------------------------- timing
@@ -81,11 +80,8 @@ def row(name, a, b, unit, target, note=""):
 def fmt(v, unit):
     if v is None:
         return "-"
-    if unit == "x":
-        return f"{v:.2f}x"
-    if unit == "/s":
-        return f"{v:,.0f} /s"
-    return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.1f} s"
+    seconds = f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.1f} s"
+    return {"x": f"{v:.2f}x", "/s": f"{v:,.0f} /s"}.get(unit, seconds)
 
 
 def default_path(arch, device, train, batch=N * K):
@@ -100,17 +96,12 @@ def default_path(arch, device, train, batch=N * K):
     return models.fast_path(model, precision), precision, x.shape[1:]
 
 
-def sgd(model):
-    """train.py's optimiser in every recipe: lr 0.01, momentum 0.9, weight decay 5e-4."""
-    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-
 # ---------------------------------------------------------------- 1. loss overhead
 def loss_overhead(arch, device, repeats, iters, compile):
     """Seconds per MACER step (A) and per cross-entropy step (B), `iters` steps per timing."""
     model, precision, shape = default_path(arch, device, True)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    opt = sgd(model)
+    opt = train.sgd(model, RECIPE)
     net = torch.compile(model) if compile else model
     x = torch.rand(N, *shape, device=device)
     y = torch.randint(0, 10, (N,), device=device)
@@ -146,7 +137,9 @@ def training(device, images, repeats):
         model.load_state_dict(init)
         net = models.fast_path(model, precision)
         batches = data.batches(data.TensorImages(x[:count], y[:count]), N, 0, 0, False, device)
-        stats = train.train_one_epoch(net, sgd(net), batches, K, SIGMA, LBD, GAMMA, BETA)
+        stats = train.train_one_epoch(
+            net, train.sgd(net, RECIPE), batches, K, SIGMA, LBD, GAMMA, BETA
+        )
         sum(stats).tolist()  # the host waits for the device once, at the end
 
     epoch("bf16", 4 * N)  # the warm-up: a few steps each; the full-size A and B alternate below
@@ -209,7 +202,7 @@ def epoch_time(device, arch, steps, repeats, compile):
     x = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, device=device)
     images = data.TensorImages(x, torch.randint(0, 10, (50_000,), device=device))
     model, precision, _ = default_path(arch, device, True)
-    opt, net = sgd(model), torch.compile(model) if compile else model
+    opt, net = train.sgd(model, RECIPE), torch.compile(model) if compile else model
     torch.backends.cudnn.benchmark = True
 
     def epoch():
@@ -241,19 +234,14 @@ def certify_time(device, arch, n, inputs):
 
 # ---------------------------------------------------------------- 6. certification across processes
 def certify_worker(n, inputs):
-    """One thread: Hard-RS CERTIFY on `inputs` test images (random ones if data/ lacks them), with
-    per-input noise as certify.py draws it. Returns (noisy samples/s, seconds per image)."""
+    """One thread: Hard-RS CERTIFY of a LeNet on `inputs` images, with per-input noise as certify.py
+    draws it (its cost depends on neither the weights nor the image). Returns (noisy samples/s,
+    seconds per image)."""
     torch.set_num_threads(1)
-    if os.path.exists(E10):
-        model = models.load_checkpoint(E10)[0]
-    else:
-        model = models.get_model("fashion-mnist")
-    smooth = certify.Smooth(models.fast_path(model.eval(), "fp32"), 10, SIGMA, device="cpu")
-    try:
-        test_set = data.load_dataset("fashion-mnist", "data", train=False)
-        xs = [test_set[i][0] for i in range(0, 20 * inputs, 20)]
-    except ValueError:
-        xs = list(torch.rand(inputs, 1, 28, 28))
+    torch.manual_seed(0)
+    model = models.fast_path(models.get_model("fashion-mnist").eval(), "fp32")
+    smooth = certify.Smooth(model, 10, SIGMA, device="cpu")
+    xs = torch.rand(inputs, 1, 28, 28)
     smooth.certify(xs[0], N0, 4000, ALPHA, 400)  # warm-up
     t0 = time.perf_counter()
     for i, x in enumerate(xs):
@@ -269,11 +257,10 @@ def processes(n, inputs):
         ((rate, seconds),) = p.starmap(certify_worker, [(n, inputs)])
     with pool(2) as p:
         (rate_1, seconds_1), (rate_2, seconds_2) = p.starmap(certify_worker, [(n, inputs)] * 2)
-    source = "e10 LeNet" if os.path.exists(E10) else "LeNet (untrained)"
-    note = f"{source}, 1 thread each; each of the two: {rate_1:,.0f} and {rate_2:,.0f} /s"
+    note = f"LeNet, 1 thread each; each of the two: {rate_1:,.0f} and {rate_2:,.0f} /s"
     name = f"6a. CPU certify n={n:,}: 2 processes / 1"
     six_a = row(name, rate_1 + rate_2, rate, "/s", ">= 1.7x", note)
-    name = f"6b. {source} one image at n={n:,}: 2 processes / 1"
+    name = f"6b. LeNet one image at n={n:,}: 2 processes / 1"
     note = "seconds per image, fp32, batch 400"
     return [six_a, row(name, max(seconds_1, seconds_2), seconds, "s", "-", note)]
 

@@ -335,19 +335,14 @@ def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, wor
     done, todo = state
     if rank == 0 and done:
         log(f"resuming {out}: {done} inputs done, {len(todo)} to go")
-    mine = todo[rank::world]
     fd = f.fileno() if f is not None else os.open(out, os.O_WRONLY | os.O_APPEND)
+    who = f"rank {rank}: " if world > 1 else ""
     try:
-        certify_each(
-            out, fd, smooth, dataset, mine, settings, f"rank {rank}: " if world > 1 else "", log
-        )
+        certify_each(out, fd, smooth, dataset, todo[rank::world], settings, who, log)
         if world > 1:  # rank 0 holds the lock until every process has written its rows
             dist.barrier()
     finally:
-        if f is None:
-            os.close(fd)
-        else:
-            f.close()
+        os.close(fd) if f is None else f.close()
     if rank != 0:
         return None
     wanted = set(indices)
@@ -555,8 +550,7 @@ def check_args(a):
     """Raise ValueError naming the first flag out of range (NaN included), before any work."""
     if a.compare is not None and len(a.compare) % 2:
         raise ValueError(
-            "--compare takes pairs of results files (A B, or A1 B1 A2 B2 ...), not "
-            f"{len(a.compare)} files"
+            f"--compare takes pairs of files (A B, A1 B1 A2 B2 ...), not {len(a.compare)}"
         )
     for name in ("sigma", "beta"):
         v = getattr(a, name)
@@ -617,20 +611,20 @@ def run(a):
             raise ValueError(f"--start {a.start} is past the {len(test_set)} test images; lower it")
         out = a.out or os.path.splitext(a.checkpoint)[0] + f"_{a.bound}_n{a.n}.tsv"
         batch = a.batch or models.default_batch(cfg["arch"], device)
-        precision = certify_precision(a, model, device, out, batch, len(indices), facts.shape)
-        precision = from_rank0(precision)  # every process certifies in rank 0's
+        saved = {} if a.overwrite else records.read_settings(out, strict=False) or {}
+        work = len(indices) * (a.n0 + a.n) / batch  # in batches; a resumed file goes on as it began
+        args = (a, saved.get("precision"), work, model, device, (batch, *facts.shape), False)
+        precision = from_rank0(models.pick_precision(*args))  # every process certifies in rank 0's
         model = models.fast_path(model.to(device).eval(), precision)
         smooth = Smooth(model, facts.classes, sigma, beta, device=device)
         # The record of this run: what its rows mean (records.MEANING), how the noise was drawn
         # (records.DRAW), and, to inform only, the machine where the file began.
-        settings = dict(checkpoint_sha256=cfg["sha256"], dataset=cfg["dataset"])
-        settings.update(
-            test_set_sha256=data.fingerprint(test_set), normalize=bool(cfg["normalize"])
-        )
-        settings.update(sigma=sigma, beta=beta if a.bound != "clopper-pearson" else None)
+        settings = dict(checkpoint_sha256=cfg["sha256"], test_set_sha256=data.fingerprint(test_set))
+        settings.update(dataset=cfg["dataset"], normalize=bool(cfg["normalize"]), sigma=sigma)
         settings.update({k: getattr(a, k) for k in ("n0", "n", "alpha", "bound", "seed")})
-        settings.update(precision=precision, noise=records.NOISE, batch=batch)
-        settings.update(noise_device=device.type, machine=models.device_name(device))
+        settings.update(beta=beta if a.bound != "clopper-pearson" else None, precision=precision)
+        settings.update(noise=records.NOISE, batch=batch, noise_device=device.type)
+        settings["machine"] = models.device_name(device)
         if rank == 0:
             print(
                 f"certifying {len(indices)} {cfg['dataset']} test images: {cfg['arch']}, sigma "
@@ -644,24 +638,6 @@ def run(a):
             dist.destroy_process_group()
     if rank == 0:
         report(summary, out, a, cfg, settings)
-
-
-def certify_precision(a, model, device, out, batch, images, shape):
-    """--bf16 or --fp32 if given; the precision of the rows already in `out`, so that a resumed
-    file continues as it began; for fewer than 50 batches of work, fp32 (measuring would cost more
-    than it can save); else the faster of the two for inference on this device."""
-    import models
-
-    if a.bf16 or a.fp32:
-        return "bf16" if a.bf16 else "fp32"
-    saved = records.read_settings(out, strict=False) if not a.overwrite else None
-    if saved is not None and saved.get("precision") in ("bf16", "fp32"):
-        return saved["precision"]
-    if images * (a.n0 + a.n) < 50 * batch:
-        return "fp32"
-    seeded = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, *shape, generator=seeded)  # a batch of noisy samples
-    return models.measure_precision(model, device, x, train=False, log=print)
 
 
 def report(summary, out, a, cfg, settings):

@@ -93,8 +93,7 @@ DATASETS = {
         recipe=Recipe(1, 0.01, (), 16, LBD_16, grad_clip=5.0, train_subset=30_000, cert=QUICK_CERT),
     ),
 }
-# Cohen et al.'s certification settings, used by the paper; which test images: DatasetFacts.skip,
-# .max.
+# Cohen et al.'s certification settings, as the paper's; which test images: DatasetFacts.skip, .max
 CERT = dict(n0=100, n=100_000, alpha=0.001)
 
 

@@ -96,14 +96,10 @@ class CifarResNet(nn.Module):
         self.normalize = normalize or nn.Identity()
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        widths, c_in = [16, 32, 64], 16
-        for s, w in enumerate(widths):
-            layer = [
-                BasicBlock(c_in if i == 0 else w, w, 2 if (s > 0 and i == 0) else 1)
-                for i in range(blocks)
-            ]
-            setattr(self, f"layer{s + 1}", nn.Sequential(*layer))
-            c_in = w
+        for s, (c_in, w) in enumerate([(16, 16), (16, 32), (32, 64)], start=1):
+            first = BasicBlock(c_in, w, 1 if s == 1 else 2)  # stages 2 and 3 halve H and W
+            rest = [BasicBlock(w, w, 1) for _ in range(blocks - 1)]
+            setattr(self, f"layer{s}", nn.Sequential(first, *rest))
         self.fc = LogitLinear(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -169,12 +165,6 @@ def device_name(device):
 BF16_MARGIN = 1.2  # bf16 only where it measures at least this much faster: noise cannot flip it
 
 
-def choose_precision(t_fp32, t_bf16, margin=BF16_MARGIN):
-    """ "bf16" where its time per call is at least `margin` times shorter than fp32's, else "fp32"
-    (also where bf16 was not timed: t_bf16 None)."""
-    return "bf16" if t_bf16 is not None and t_fp32 >= margin * t_bf16 else "fp32"
-
-
 def seconds_per_call(fn, device, budget):
     """fn's mean wall time over at least 2 calls and `budget` seconds, after one untimed call
     (allocations and kernel choice)."""
@@ -192,8 +182,8 @@ def seconds_per_call(fn, device, budget):
 def measure_precision(model, device, x, train, budget=0.25, log=print):
     """Precision "auto": time the workload itself, in fp32 and under bf16 autocast, both in
     channels_last, on a copy of the model (BatchNorm's statistics and the gradients stay as they
-    were): a training step (forward and backward) if train, else inference, on the batch x.
-    Returns choose_precision's answer; one line says the ratio and the choice. No flag table:
+    were): a training step (forward and backward) if train, else inference, on the batch x. bf16
+    where it is BF16_MARGIN times faster; one line says the ratio and the choice. No flag table:
     the same AVX-512 BF16 flag is 1.8x faster on one CPU and 0.72x on another."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         log("precision auto: this GPU has no bf16: fp32")
@@ -210,7 +200,7 @@ def measure_precision(model, device, x, train, budget=0.25, log=print):
 
     t_fp32 = seconds_per_call(lambda: call(False), device, budget)
     t_bf16 = seconds_per_call(lambda: call(True), device, budget)
-    choice = choose_precision(t_fp32, t_bf16)
+    choice = "bf16" if t_fp32 >= BF16_MARGIN * t_bf16 else "fp32"
     work = "training steps" if train else "inference"
     log(
         f"precision auto: bf16 at {t_fp32 / t_bf16:.2f}x fp32's speed ({work}, batch {len(x)}, "
@@ -220,12 +210,24 @@ def measure_precision(model, device, x, train, budget=0.25, log=print):
     return choice
 
 
+def pick_precision(flags, saved, batches, model, device, shape, train, log=print):
+    """--bf16 or --fp32 if given (flags); else `saved`, the precision a resumed run or results file
+    began in; for under 50 batches of work, fp32 (measuring would cost more than it can save); else
+    measure_precision's, on a seeded batch of this shape (the run's random stream is untouched)."""
+    if flags.bf16 or flags.fp32:
+        return "bf16" if flags.bf16 else "fp32"
+    if saved in ("bf16", "fp32"):
+        return saved
+    if batches < 50:
+        return "fp32"
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    return measure_precision(model, device, x, train, log=log)
+
+
 class FastPath(nn.Module):
-    """A classifier on the fast path: its input in channels_last (in fp32 too: LeNet certification
-    ran 1.7x and 2.2x the samples/s of NCHW on an AMD EPYC and a Xeon, bench.py row 3d), its
-    forward pass under bf16 autocast if bf16, its logits float32 either way (LogitLinear keeps
-    their digits under autocast). A certificate is about this classifier, a valid base classifier
-    of its own in either precision."""
+    """A classifier on the fast path: its input in channels_last (faster in fp32 too, bench.py row
+    3d), its forward pass under bf16 autocast if bf16, its logits float32 either way (LogitLinear
+    keeps their digits). A certificate is about this classifier, valid in either precision."""
 
     def __init__(self, net, bf16):
         super().__init__()
@@ -262,9 +264,9 @@ def check_device(name):
     if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
         raise ValueError(
-            f"no CUDA device {name!r} is visible here ({torch.cuda.device_count()} GPUs): use "
-            "--device cpu"
+            f"no CUDA device {name!r} is visible here ({count} GPUs): use --device cpu"
         )
     return device
 

@@ -21,10 +21,8 @@ import data
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 # What the rows mean: a file never mixes rows made under other values of these.
-MEANING = tuple(
-    "checkpoint_sha256 dataset test_set_sha256 normalize sigma beta n0 n alpha bound "
-    "precision".split()
-)
+MEANING = ("checkpoint_sha256", "dataset", "test_set_sha256", "normalize", "sigma", "beta", "n0")
+MEANING += ("n", "alpha", "bound", "precision")
 # How the noise was drawn. Rows drawn otherwise are valid certificates too, but a file is appended
 # to only under the same draw, so that each of its rows can be made again alone.
 DRAW = ("seed", "noise", "batch", "noise_device")
@@ -62,12 +60,6 @@ def read_settings(tsv_path, strict=True):
 
 
 # ---------------------------------------------------------------- rows
-def parse_time(text):
-    """Seconds, written as 12.345 (here) or 0:00:12.345 (Cohen et al.'s code)."""
-    h, m, s = ["0", "0", *text.split(":")][-3:]
-    return float(h) * 3600 + float(m) * 60 + float(s)
-
-
 def row_check(cap=math.inf, labels=None, classes=None):
     """A function that says what is wrong with a row, or None: the radius against cap, the largest
     that the file's n and alpha allow; with the test set's labels, the label; predict against K."""
@@ -104,8 +96,9 @@ def parse_rows(text, path, check):
     for number, line in enumerate(lines[1:], start=2):
         try:
             i, label, pred, R, correct, t = line.split("\t")
+            h, m, sec = ["0", "0", *t.split(":")][-3:]  # 12.345 here, 0:00:12.345 in Cohen's code
             row = dict(idx=int(i), label=int(label), predict=int(pred), radius=float(R))
-            row.update(correct=int(correct), time=parse_time(t))
+            row.update(correct=int(correct), time=float(h) * 3600 + float(m) * 60 + float(sec))
         except ValueError:
             raise ValueError(
                 f"line {number} of {path} is corrupt; delete that line to certify its input again"
@@ -144,8 +137,7 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
     Nothing is written to a file that is not a results file."""
     if os.path.isdir(path) or not path.endswith(".tsv"):
         raise ValueError(
-            "--out must be a file name ending in .tsv (its settings record is named after it), not "
-            f"{path}"
+            f"--out must be a file name ending in .tsv (its record's name), not {path}"
         )
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -154,9 +146,7 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
         fd = os.open(path, flags, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise ValueError(
-                f"--out {path} is a symbolic link; give the path of the results file itself"
-            ) from None
+            raise ValueError(f"--out {path} is a symbolic link; give the file's own path") from None
         raise ValueError(f"cannot write {path} ({e.strerror}); choose another --out") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -167,7 +157,7 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
     except OSError:
         f.close()
         raise ValueError(
-            f"another process is writing {path}; wait for it to finish or choose another --out"
+            f"another process is writing {path}; wait, or choose another --out"
         ) from None
     try:
         return _continue(f, path, settings, indices, check, overwrite, log)

@@ -65,11 +65,8 @@ def log_stats(stats, head, log, tail=""):
             f"the loss became non-finite ({head.strip()}); the last checkpoint is the last good "
             "one: lower --lr or --lbd, or clip harder with a smaller --grad-clip (0 is no clip)"
         )
-    log(
-        f"{head}  loss_cls {s[0] / s[3]:.4f}  loss_rob {s[1] / s[3]:.4f}  acc {s[2] / s[3]:.4f}"
-        + tail,
-        flush=True,
-    )
+    means = f"loss_cls {s[0] / s[3]:.4f}  loss_rob {s[1] / s[3]:.4f}  acc {s[2] / s[3]:.4f}"
+    log(f"{head}  {means}{tail}", flush=True)
 
 
 # ---------------------------------------------------------------- configuration
@@ -97,9 +94,7 @@ class Config:
     weight_decay: float = arg(5e-4, "SGD weight decay")
     k: int = arg(16, "Gaussian copies per input (Algorithm 1, line 4)")
     lbd: float = arg(0.0, "lambda, the weight of the robustness term (Eq. 17)")
-    dynamic_lbd: bool = arg(
-        False, "1: lambda = 0 until the first lr decay (footnote 5)", **ONE_OR_0
-    )
+    dynamic_lbd: bool = arg(False, "1: lambda = 0 until the first lr decay (fn. 5)", **ONE_OR_0)
     gamma: float = arg(8.0, "hinge factor gamma (Eq. 17)")
     beta: float = arg(16.0, "inverse temperature beta of the robustness term")
     augment: bool = arg(False, "1: random crop (pad 4) and horizontal flip", **ONE_OR_0)
@@ -137,17 +132,9 @@ def recipe(dataset, sigma, method):
     lbd = r.lbd[min(r.lbd, key=lambda s: abs(s - sigma))]  # a sigma not in the paper: the nearest
     cert = {**data.CERT, "skip": facts.skip, "max": facts.max, **r.cert}
     same = "epochs lr k gamma beta augment grad_clip train_subset".split()  # Recipe's and Config's
-    cfg = Config(
-        dataset=dataset,
-        sigma=sigma,
-        method=method,
-        arch=facts.arch,
-        milestones=list(r.milestones),
-        lbd=lbd,
-        dynamic_lbd=sigma in r.dynamic_lbd,
-        **{name: getattr(r, name) for name in same},
-        **{f"cert_{key}": v for key, v in cert.items()},
-    )
+    values = {name: getattr(r, name) for name in same} | {f"cert_{k}": v for k, v in cert.items()}
+    values.update(milestones=list(r.milestones), lbd=lbd, dynamic_lbd=sigma in r.dynamic_lbd)
+    cfg = Config(dataset=dataset, sigma=sigma, method=method, arch=facts.arch, **values)
     return dataclasses.replace(cfg, k=1, lbd=0.0, dynamic_lbd=False) if method == "cohen" else cfg
 
 
@@ -166,9 +153,7 @@ def parse_flags(argv=None):
             flag.setdefault("type", f.type)
         p.add_argument("--" + f.name.replace("_", "-"), **flag)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
-    p.add_argument(
-        "--overwrite", action="store_true", help="start afresh even if OUT_DIR holds a checkpoint"
-    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR's checkpoint, if any")
     return vars(p.parse_args(argv))
 
 
@@ -197,13 +182,9 @@ def check_config(cfg):
     if not 0 < cfg.cert_alpha < 1:  # also NaN
         bad.append(f"--cert-alpha must be in (0, 1) (got {cfg.cert_alpha})")
     if list(cfg.milestones) != sorted(set(cfg.milestones)):
-        bad.append(
-            f"--milestones must be increasing epochs (got {' '.join(map(str, cfg.milestones))})"
-        )
+        bad.append(f"--milestones must be increasing epochs (got {list(cfg.milestones)})")
     if cfg.dynamic_lbd and not cfg.milestones:
-        bad.append(
-            "--dynamic-lbd 1 waits for the first lr decay: give --milestones, or --dynamic-lbd 0"
-        )
+        bad.append("--dynamic-lbd 1 waits for the first lr decay: give --milestones")
     if cfg.method == "cohen" and (cfg.k != 1 or cfg.lbd != 0 or cfg.dynamic_lbd):
         bad.append("--method cohen is k = 1 and lambda = 0: for other values use --method macer")
     if not bad and cfg.cert_max > 0:  # before training, not after it
@@ -241,18 +222,17 @@ def resumed_config(saved, flags, epochs_done):
     saved = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
     fixed = sorted(k for k, v in flags.items() if k not in RESUMABLE and v != getattr(saved, k))
     if fixed:
+        names = ", ".join("--" + k.replace("_", "-") for k in fixed)
         raise ValueError(
-            "--resume continues the saved run and cannot change "
-            f"{', '.join('--' + k.replace('_', '-') for k in fixed)}"
-            "; drop those flags, or start a new run in another --out-dir"
+            f"--resume continues the saved run and cannot change {names}; drop those flags, or "
+            "start a new run in another --out-dir"
         )
     if "fp32" in flags or "bf16" in flags:  # a precision given now replaces the saved one
         saved = dataclasses.replace(saved, fp32=False, bf16=False)
     cfg = dataclasses.replace(saved, **{k: v for k, v in flags.items() if k in RESUMABLE})
     if cfg.epochs < epochs_done:
         raise ValueError(
-            f"the checkpoint has trained {epochs_done} epochs; --epochs must be at least that to "
-            "--resume it"
+            f"the checkpoint trained {epochs_done} epochs; give --epochs {epochs_done} or more"
         )
     check_config(cfg)
     return cfg
@@ -299,8 +279,10 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     train_set = load_train_set(cfg, device, ddp)
     loader = isinstance(train_set, DataLoader)  # whose len() counts batches
     per_epoch = len(train_set) if loader else len(train_set) // (cfg.batch * world)
-    precision = training_precision(cfg, model, device, ckpt, cfg.epochs * per_epoch, log)
-    precision = certify.from_rank0(precision)  # every process trains in rank 0's precision
+    last = epoch_precisions(ckpt)[-1:] or [None]  # a resume trains on as it last trained
+    shape = (min(cfg.batch * cfg.k, 512), *data.dataset_facts(cfg.dataset).shape)  # noisy batch
+    args = (cfg, last[0], cfg.epochs * per_epoch, model, device, shape, True, log)
+    precision = certify.from_rank0(models.pick_precision(*args))  # every process: rank 0's
     model = model.to(memory_format=torch.channels_last)  # the saved model; net trains it
     gpu = [device.index] if device.type == "cuda" else None
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu) if ddp else model
@@ -370,10 +352,7 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank, world):
     refused where it would replace a checkpoint without --overwrite. Rank 0 writes config.json."""
     ckpt = None
     if os.path.isdir(ckpt_path):
-        raise ValueError(
-            f"{ckpt_path} is a folder, where the checkpoint goes; remove it or choose another "
-            "--out-dir"
-        )
+        raise ValueError(f"{ckpt_path} is a folder; remove it or choose another --out-dir")
     if resume:
         if not os.path.exists(ckpt_path):
             raise ValueError(f"--resume found no checkpoint at {ckpt_path}; check --out-dir")
@@ -396,16 +375,11 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank, world):
                 f"only with as many: resume with torchrun --nproc_per_node {trained_by}, or anew"
             )
     elif os.path.exists(ckpt_path) and not overwrite:
-        raise ValueError(
-            f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, or "
-            "another --out-dir"
-        )
+        raise ValueError(f"{ckpt_path} exists; pass --resume, --overwrite or another --out-dir")
     if rank == 0:  # fail now, not after the first epoch
+        text = json.dumps(dataclasses.asdict(cfg), indent=1)
         try:
-            data.atomic_write(
-                os.path.join(cfg.out_dir, "config.json"),
-                json.dumps(dataclasses.asdict(cfg), indent=1),
-            )
+            data.atomic_write(os.path.join(cfg.out_dir, "config.json"), text)
         except OSError as e:
             raise ValueError(
                 f"cannot write to --out-dir {cfg.out_dir} ({e.strerror}); choose a writable folder"
@@ -431,22 +405,24 @@ def lr_schedule(opt, milestones):
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
 
 
+def sgd(model, cfg):
+    """SGD with the run's lr, momentum and weight decay (bench.py times the same)."""
+    hyper = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), **hyper)
+
+
 def build(cfg, device, ckpt, rank):
     """The model on its fast path, SGD and the step schedule, restored from ckpt if given."""
     model = models.get_model(cfg.dataset, arch=cfg.arch).to(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    opt = sgd(model, cfg)
     sched = lr_schedule(opt, cfg.milestones)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError:
             raise ValueError(
-                f"the checkpoint in {cfg.out_dir} does not fit {cfg.arch}; it was saved by another "
-                "network: start a new run in another --out-dir"
+                f"the checkpoint in {cfg.out_dir} does not fit {cfg.arch}: start a new --out-dir"
             ) from None
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -455,22 +431,6 @@ def build(cfg, device, ckpt, rank):
         if device.type == "cuda" and rng_cuda is not None:
             torch.cuda.set_rng_state(rng_cuda, device)
     return model, opt, sched
-
-
-def training_precision(cfg, model, device, ckpt, steps, log):
-    """--bf16 or --fp32 if given; on --resume, the precision the checkpoint last trained in; in a
-    run of fewer than 50 steps, fp32 (measuring would cost more than it can save); else the faster
-    of the two for a training step on this device (models.measure_precision)."""
-    if cfg.bf16 or cfg.fp32:
-        return "bf16" if cfg.bf16 else "fp32"
-    if ckpt is not None and epoch_precisions(ckpt)[-1:] in (["bf16"], ["fp32"]):
-        return epoch_precisions(ckpt)[-1]
-    if steps < 50:
-        return "fp32"
-    shape = data.dataset_facts(cfg.dataset).shape
-    seeded = torch.Generator().manual_seed(0)  # the run's own random stream is left as it was
-    x = torch.rand(min(cfg.batch * cfg.k, 512), *shape, generator=seeded)  # a step's noisy batch
-    return models.measure_precision(model, device, x, train=True, log=log)
 
 
 def epoch_precisions(ckpt):
