@@ -172,16 +172,13 @@ def largest_radius(sigma, n, alpha, bound):
     return radius(p_A_low, sigma)
 
 
-def is_number(v):
-    """A real number: Python's, numpy's or a 0-d tensor's; never a bool."""
-    if isinstance(v, torch.Tensor):
-        return v.dim() == 0 and not (v.dtype.is_complex or v.dtype == torch.bool)
-    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-
-
 def check_smooth(num_classes, sigma, beta):
     for name, v in (("sigma", sigma), ("beta", beta)):
-        if not (is_number(v) and math.isfinite(float(v)) and float(v) > 0):
+        if isinstance(v, torch.Tensor):  # a real number: a 0-d tensor's, Python's or numpy's
+            real = v.dim() == 0 and not (v.dtype.is_complex or v.dtype == torch.bool)
+        else:
+            real = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+        if not (real and math.isfinite(float(v)) and float(v) > 0):
             raise ValueError(f"{name} must be a finite number > 0, not {v!r}")
     if not (type(num_classes) is int and num_classes >= 2):
         raise ValueError(f"num_classes must be an integer >= 2, not {num_classes!r}")
@@ -278,8 +275,7 @@ CERTIFY_ARGS = ("n0", "n", "alpha", "batch", "bound")  # Smooth.certify's, from 
 
 
 def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
-    """Certify dataset[i] for each i, appending one row per input to the open file fd, with a log
-    line."""
+    """Certify dataset[i] for each i into the open file fd: a row and a log line per input."""
     t_start = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -378,8 +374,7 @@ def curves(runs, step=0.01):
 
 
 def plot_curves(runs, png_path):
-    """Figure 1: approximate certified accuracy against radius, one curve per run, one panel per
-    sigma."""
+    """Figure 1, certified accuracy against radius: a curve per run and a panel per sigma."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -548,34 +543,27 @@ def parse_args(argv):
 
 def check_args(a):
     """Raise ValueError naming the first flag out of range (NaN included), before any work."""
-    if a.compare is not None and len(a.compare) % 2:
-        raise ValueError(
-            f"--compare takes pairs of files (A B, A1 B1 A2 B2 ...), not {len(a.compare)}"
-        )
-    for name in ("sigma", "beta"):
-        v = getattr(a, name)
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise ValueError(f"--{name} must be a finite number > 0, not {v}")
-    if not 0 < a.alpha < 1:  # also rejects nan
-        raise ValueError(f"--alpha must lie strictly between 0 and 1, not {a.alpha}")
     given = [v for v in (a.batch, a.skip, a.max) if v is not None]  # None: the default
-    if min(a.n0, a.n, *given) < 1 or a.start < 0:
-        raise ValueError(
-            "--n0, --n, --batch, --skip and --max must be at least 1, and --start at least 0"
-        )
-    if a.bound == "bernstein" and a.n < 2:
-        raise ValueError("the Bernstein bound needs --n 2 or more")
+    rules = [  # (whether it holds, what to do if not)
+        (a.compare is None or len(a.compare) % 2 == 0, "--compare takes pairs of results files"),
+        (a.sigma is None or 0 < a.sigma < math.inf, f"--sigma must be > 0, not {a.sigma}"),
+        (a.beta is None or 0 < a.beta < math.inf, f"--beta must be > 0, not {a.beta}"),
+        (0 < a.alpha < 1, f"--alpha must lie strictly between 0 and 1, not {a.alpha}"),
+        (min(a.n0, a.n, *given) >= 1, "--n0, --n, --batch, --skip and --max must be at least 1"),
+        (a.start >= 0, "--start must be at least 0"),
+        (a.bound != "bernstein" or a.n >= 2, "the Bernstein bound needs --n 2 or more"),
+        (0 <= a.seed < 2**32, f"--seed must be an integer in [0, 2^32), not {a.seed}"),
+        (not (a.fp32 and a.bf16), "--fp32 and --bf16 contradict each other; give at most one"),
+        (not a.plot or importlib.util.find_spec("matplotlib"), "--plot needs matplotlib"),
+    ]
+    for holds, message in rules:
+        if not holds:
+            raise ValueError(message)
     if largest_radius(1.0, a.n, a.alpha, a.bound) is None:
         raise ValueError(
             f"no input can be certified with --n {a.n} and --alpha {a.alpha} ({a.bound}): even if "
             "every sample agreed, the bound would stay at or below 1/2; raise --n or --alpha"
         )
-    if not 0 <= a.seed < 2**32:
-        raise ValueError(f"--seed must be an integer in [0, 2^32), not {a.seed}")
-    if a.fp32 and a.bf16:
-        raise ValueError("--fp32 and --bf16 contradict each other; give at most one")
-    if a.plot and importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib, or drop --plot")
 
 
 def main(argv=None):
@@ -636,19 +624,14 @@ def run(a):
     finally:
         if own_group:
             dist.destroy_process_group()
-    if rank == 0:
-        report(summary, out, a, cfg, settings)
-
-
-def report(summary, out, a, cfg, settings):
-    """Print the table of the rows, and the largest radius they could reach; draw --plot."""
-    print(format_table(summary, f"{cfg['dataset']} s={settings['sigma']}"))
-    cap = largest_radius(settings["sigma"], a.n, a.alpha, a.bound)
+    if rank != 0:
+        return
+    print(format_table(summary, f"{cfg['dataset']} s={sigma}"))
+    cap = largest_radius(sigma, a.n, a.alpha, a.bound)
     print(f"largest radius at this n and alpha ({a.bound}, every sample agreeing): {cap:.3f}")
     if a.plot:
         png = os.path.splitext(out)[0] + ".png"
-        name = f"{cfg['dataset']} s={settings['sigma']} {a.bound}"
-        plot_curves([dict(tsv=out, name=name, sigma=settings["sigma"])], png)
+        plot_curves([dict(tsv=out, name=f"{cfg['dataset']} s={sigma} {a.bound}", sigma=sigma)], png)
         print(f"wrote {png}")
 
 

@@ -217,10 +217,9 @@ def load_torchvision(name, data_dir, train):
     torchvision, which checks the files' MD5 sums; missing or corrupt files are downloaded."""
     from torchvision.datasets import CIFAR10, SVHN
 
-    if name == "cifar10":
-        cls, split = CIFAR10, dict(train=train)
-    else:
-        cls, split = SVHN, dict(split="train" if train else "test")
+    cifar = name == "cifar10"
+    cls = CIFAR10 if cifar else SVHN
+    split = dict(train=train) if cifar else dict(split="train" if train else "test")
     try:
         with contextlib.redirect_stdout(sys.stderr):
             try:
@@ -232,10 +231,8 @@ def load_torchvision(name, data_dir, train):
             f"{name} is missing from {data_dir} or corrupt, and could not be downloaded "
             f"({type(e).__name__}); put torchvision's files of {name} there"
         ) from None
-    if name == "cifar10":  # (N, H, W, C) -> (N, C, H, W)
-        x, y = torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous(), ds.targets
-    else:  # SVHN's is (N, C, H, W) already, with label 10 made 0
-        x, y = torch.as_tensor(ds.data), ds.labels
+    x = torch.as_tensor(ds.data)  # CIFAR's (N, H, W, C) -> (N, C, H, W); SVHN's is (N, C, H, W)
+    x, y = (x.permute(0, 3, 1, 2).contiguous(), ds.targets) if cifar else (x, ds.labels)
     return checked(x, torch.as_tensor(y), name, data_dir)
 
 

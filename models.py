@@ -151,8 +151,7 @@ def get_model(dataset, normalize=True, arch=None):
 
 
 def device_name(device):
-    """The GPU's name, or the CPU's model and the threads torch uses: every timing names its
-    machine."""
+    """The GPU's name, or the CPU's model and torch's threads: every timing names its machine."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -166,8 +165,7 @@ BF16_MARGIN = 1.2  # bf16 only where it measures at least this much faster: nois
 
 
 def seconds_per_call(fn, device, budget):
-    """fn's mean wall time over at least 2 calls and `budget` seconds, after one untimed call
-    (allocations and kernel choice)."""
+    """fn's mean wall time over 2 calls or more and `budget` seconds, after one untimed call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     fn()
     sync()
@@ -255,26 +253,11 @@ def default_batch(arch, device):
     return (400 if cuda else 100) if arch == "resnet50" else (10_000 if cuda else 400)
 
 
-def check_device(name):
-    """torch.device(name) if this machine has it, else a ValueError saying what to use."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise ValueError(
-            f"no CUDA device {name!r} is visible here ({count} GPUs): use --device cpu"
-        )
-    return device
-
-
 def join_processes(device_name):
     """(device, rank, world, joined). Under torchrun: join its process group, unless this process
     is in it already (train.py calling certify.py), with joined True if this call did, so that the
-    caller leaves it; and on CUDA, take the GPU of LOCAL_RANK. Else (device, 0, 1, False)."""
+    caller leaves it; and on CUDA, take the GPU of LOCAL_RANK. Else (device, 0, 1, False). A device
+    this machine lacks raises ValueError saying what to use."""
     joined = "RANK" in os.environ and not dist.is_initialized()
     if joined:
         backend = "nccl" if device_name.startswith("cuda") else "gloo"
@@ -282,7 +265,14 @@ def join_processes(device_name):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if world > 1 and device_name.startswith("cuda"):
         device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = check_device(device_name)
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device_name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"no CUDA device {device_name!r} is visible here: use --device cpu")
     if world > 1 and device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     return device, rank, world, joined
@@ -323,9 +313,8 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
         state = ckpt
     else:
         raise ValueError(f"{path} is not a checkpoint of train.py, MACER or Cohen et al.")
-    for key, value in (("dataset", dataset), ("arch", arch), ("normalize", normalize)):
-        if value is not None:
-            cfg[key] = value
+    given = dict(dataset=dataset, arch=arch, normalize=normalize)
+    cfg.update({key: value for key, value in given.items() if value is not None})
     if cfg.get("dataset") is None:
         names = ", ".join(DATASETS)
         raise ValueError(f"the checkpoint does not say its dataset; pass --dataset ({names})")

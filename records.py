@@ -41,8 +41,8 @@ def settings_path(tsv_path):
 
 
 def read_settings(tsv_path, strict=True):
-    """The settings record beside a results file; None if there is none; if unreadable, ValueError
-    (None if not strict)."""
+    """The settings record beside a results file, or None; if unreadable, ValueError (None if not
+    strict)."""
     path = settings_path(tsv_path)
     try:
         with open(path) as f:

@@ -138,25 +138,6 @@ def recipe(dataset, sigma, method):
     return dataclasses.replace(cfg, k=1, lbd=0.0, dynamic_lbd=False) if method == "cohen" else cfg
 
 
-def parse_flags(argv=None):
-    """The flags given on the command line, and only those (argparse.SUPPRESS drops the rest)."""
-    p = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS,
-        epilog="A flag not given takes the value of the dataset's recipe (data.DATASETS) at "
-        "that sigma; the run's whole configuration is written to OUT_DIR/config.json.",
-    )
-    for f in dataclasses.fields(Config):
-        flag = dict(f.metadata)
-        if "action" not in flag:
-            flag.setdefault("type", f.type)
-        p.add_argument("--" + f.name.replace("_", "-"), **flag)
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR's checkpoint, if any")
-    return vars(p.parse_args(argv))
-
-
 # The range of each numeric flag: (lowest, whether the lowest is allowed).
 RANGES = {
     **dict.fromkeys("sigma lr gamma beta".split(), (0, False)),
@@ -177,32 +158,45 @@ def check_config(cfg):
         for n, v, low, equal in values
         if not (v >= low if equal else v > low) or not math.isfinite(v)
     ]
-    if not 0 <= cfg.seed < 2**32:
-        bad.append(f"--seed must be in [0, 2^32) (got {cfg.seed})")
-    if not 0 < cfg.cert_alpha < 1:  # also NaN
-        bad.append(f"--cert-alpha must be in (0, 1) (got {cfg.cert_alpha})")
-    if list(cfg.milestones) != sorted(set(cfg.milestones)):
-        bad.append(f"--milestones must be increasing epochs (got {list(cfg.milestones)})")
-    if cfg.dynamic_lbd and not cfg.milestones:
-        bad.append("--dynamic-lbd 1 waits for the first lr decay: give --milestones")
-    if cfg.method == "cohen" and (cfg.k != 1 or cfg.lbd != 0 or cfg.dynamic_lbd):
-        bad.append("--method cohen is k = 1 and lambda = 0: for other values use --method macer")
+    cohen_ok = cfg.method != "cohen" or (cfg.k == 1 and cfg.lbd == 0 and not cfg.dynamic_lbd)
+    rules = [  # (whether it holds, what to do if not)
+        (0 <= cfg.seed < 2**32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
+        (0 < cfg.cert_alpha < 1, f"--cert-alpha must be in (0, 1) (got {cfg.cert_alpha})"),
+        (list(cfg.milestones) == sorted(set(cfg.milestones)), "--milestones must be increasing"),
+        (cfg.milestones or not cfg.dynamic_lbd, "--dynamic-lbd 1 waits for the first --milestones"),
+        (cohen_ok, "--method cohen is k = 1 and lambda = 0: for other values use --method macer"),
+        (not (cfg.fp32 and cfg.bf16), "--fp32 and --bf16 contradict each other; give at most one"),
+    ]
+    bad += [message for holds, message in rules if not holds]
     if not bad and cfg.cert_max > 0:  # before training, not after it
         if certify.largest_radius(1.0, cfg.cert_n, cfg.cert_alpha, "clopper-pearson") is None:
             bad.append(
                 f"no input can be certified with --cert-n {cfg.cert_n} and --cert-alpha "
                 f"{cfg.cert_alpha}: raise either (or --cert-max 0 to skip certification)"
             )
-    if cfg.fp32 and cfg.bf16:
-        bad.append("--fp32 and --bf16 contradict each other; give at most one")
     if bad:
         raise ValueError("; ".join(bad))
     models.check_arch(cfg.dataset, cfg.arch)
 
 
 def parse_config(argv=None):
-    """(Config, flags given, resume, overwrite): the recipe, then the flags given on top."""
-    flags = parse_flags(argv)
+    """(Config, flags given, resume, overwrite): the recipe, then the flags given on top (only
+    those: argparse.SUPPRESS drops the rest)."""
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        epilog="A flag not given takes the value of the dataset's recipe (data.DATASETS) at "
+        "that sigma; the run's whole configuration is written to OUT_DIR/config.json.",
+    )
+    for f in dataclasses.fields(Config):
+        flag = dict(f.metadata)
+        if "action" not in flag:
+            flag.setdefault("type", f.type)
+        p.add_argument("--" + f.name.replace("_", "-"), **flag)
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR's checkpoint, if any")
+    flags = vars(p.parse_args(argv))
     resume, overwrite = flags.pop("resume", False), flags.pop("overwrite", False)
     if resume and overwrite:
         raise ValueError(
@@ -217,8 +211,7 @@ def parse_config(argv=None):
 
 
 def resumed_config(saved, flags, epochs_done):
-    """The saved config, with the flags --resume can honour; any other flag that changes it is an
-    error."""
+    """The saved config with the flags --resume may change; another flag that changes it: error."""
     saved = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
     fixed = sorted(k for k, v in flags.items() if k not in RESUMABLE and v != getattr(saved, k))
     if fixed:
@@ -434,8 +427,7 @@ def build(cfg, device, ckpt, rank):
 
 
 def epoch_precisions(ckpt):
-    """The precision of each epoch the checkpoint has trained (checkpoints that recorded one
-    precision for the run: that one for each epoch)."""
+    """The precision of each epoch trained (a record of one for the whole run: that, each epoch)."""
     if ckpt is None:
         return []
     return list(ckpt.get("precisions") or [ckpt["config"].get("precision")] * ckpt["epoch"])
