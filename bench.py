@@ -85,9 +85,8 @@ def fmt(v, unit):
 
 
 def default_path(arch, device, train, batch=N * K):
-    """A fresh LeNet (Fashion-MNIST's input size) or ResNet (CIFAR-10's) on the path that train.py
-    (train) or certify.py would take here: channels_last, in the precision that
-    models.measure_precision picks. Returns (model, precision, input shape)."""
+    """A fresh LeNet (Fashion-MNIST's input) or ResNet (CIFAR-10's) on train.py's (train) or
+    certify.py's path: channels_last, in measure_precision's choice. (model, precision, shape)."""
     torch.manual_seed(0)
     dataset = "fashion-mnist" if arch == "lenet" else "cifar10"
     model = models.get_model(dataset, arch=arch).to(device)
@@ -147,8 +146,7 @@ def training(device, images, repeats):
     bf16, fp32 = lambda: epoch("bf16"), lambda: epoch("fp32")
     t_bf16, t_fp32 = alternate(bf16, fp32, device, repeats, warm_up=False)
     probe = default_path("lenet", device, True)[1]
-    note = f"{images / t_bf16:.0f} against {images / t_fp32:.0f} img/s; "
-    note += f"precision auto's probe here: {probe}"
+    note = f"{images / t_bf16:.0f} against {images / t_fp32:.0f} img/s; the probe here: {probe}"
     name = f"2. LeNet training {images:,} images: bf16 / fp32"
     return row(name, t_bf16, t_fp32, "s", "< 1.0x where bf16 pays", note)
 
@@ -234,9 +232,8 @@ def certify_time(device, arch, n, inputs):
 
 # ---------------------------------------------------------------- 6. certification across processes
 def certify_worker(n, inputs):
-    """One thread: Hard-RS CERTIFY of a LeNet on `inputs` images, with per-input noise as certify.py
-    draws it (its cost depends on neither the weights nor the image). Returns (noisy samples/s,
-    seconds per image)."""
+    """One thread: Hard-RS CERTIFY of a LeNet on `inputs` images, per-input noise as in certify.py
+    (the cost depends on neither weights nor image). Returns (samples/s, seconds per image)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = models.fast_path(models.get_model("fashion-mnist").eval(), "fp32")
@@ -278,9 +275,7 @@ def main():
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     repeats = 3 if a.quick else 5
-    # --quick on CPU: ResNet-20, whose step of 1,024 images already takes seconds on 2 cores (row 1
-    # in results/README.md); ResNet-110 has about 5x its layers.
-    small = a.quick and not cuda
+    small = a.quick and not cuda  # ResNet-20: its step takes seconds on 2 cores; ResNet-110 is 5x
     resnet = "resnet20" if small else "resnet110"
     now = datetime.datetime.now().isoformat(timespec="seconds")
     info = dict(device=models.device_name(device), torch=torch.__version__, date=now)
@@ -301,8 +296,9 @@ def main():
     # Cheap steps (LeNet, ResNet-20) get two more repeats; on a GPU a timing spans several steps.
     for arch, gpu_iters in (("lenet", 20), (resnet, 5)):
         more = 0 if arch == "resnet110" else 2
-        iters = gpu_iters if cuda else 1
-        rows.append(loss_overhead(arch, device, repeats + more, iters, a.compile))
+        rows.append(
+            loss_overhead(arch, device, repeats + more, gpu_iters if cuda else 1, a.compile)
+        )
     if cuda:
         rows.append(epoch_time(device, "resnet110", 20, repeats, a.compile))
         rows.append(certify_time(device, "resnet110", 100_000, 3))

@@ -235,10 +235,7 @@ def check_logits(logits, b, K, x):
 
 
 def shape_hint(x):
-    return (
-        f"pass one input x without a batch dimension (x has shape {tuple(x.shape)}), and "
-        "num_classes equal to the classifier's number of outputs"
-    )
+    return f"x is {tuple(x.shape)}: pass one input without a batch dimension, num_classes outputs"
 
 
 def warn_nonfinite(bad, num):
@@ -261,8 +258,7 @@ def cap_of(settings):
         return largest_radius(*[settings[k] for k in ("sigma", "n", "alpha", "bound")]) or 0.0
     except (KeyError, TypeError, ValueError, ArithmeticError):
         raise ValueError(
-            "a settings record lacks a valid sigma, n, alpha or bound; it was edited: restore "
-            "it, or certify afresh with --overwrite"
+            "a settings record lacks a valid sigma, n, alpha or bound: restore it, or --overwrite"
         ) from None
 
 
@@ -290,7 +286,7 @@ def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
                 records.append_line(fd, line)
             except OSError as e:
                 raise ValueError(
-                    f"could not write to {out} ({e.strerror}); make room, then rerun to continue"
+                    f"cannot write {out} ({e.strerror}); make room and rerun"
                 ) from None
             remaining = (time.time() - t_start) / (j + 1) * (len(indices) - j - 1)
             note = "".join(f"  ({w.message})" for w in caught)
@@ -318,19 +314,15 @@ def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, wor
     taking every world-th input still missing. Returns, on rank 0, the summary of the rows among
     `indices`, with `seconds`, the sum of their certification times."""
     check = records.row_check(cap_of(settings), data.labels(dataset), smooth.num_classes)
-    state, f = None, None
+    f, todo = None, None
     if rank == 0:
         try:
-            f, rows, todo = records.open_results(out, settings, indices, check, overwrite, log)
-            state = (len(rows), todo)
+            f, _, todo = records.open_results(out, settings, indices, check, overwrite, log)
         except ValueError as e:
-            state = str(e)
-    state = from_rank0(state)  # rank 0's verdict: no process certifies alone
-    if isinstance(state, str):
-        raise ValueError(state)
-    done, todo = state
-    if rank == 0 and done:
-        log(f"resuming {out}: {done} inputs done, {len(todo)} to go")
+            todo = str(e)
+    todo = from_rank0(todo)  # rank 0's verdict: the inputs to certify, or why none; none alone
+    if isinstance(todo, str):
+        raise ValueError(todo)
     fd = f.fileno() if f is not None else os.open(out, os.O_WRONLY | os.O_APPEND)
     who = f"rank {rank}: " if world > 1 else ""
     try:
@@ -351,45 +343,24 @@ def format_table(summary, title=""):
     """The paper's Table 1 layout: certified accuracy at each radius, then ACR."""
     width = max(20, len(title) + 1)
     head = f"{'':<{width}}" + "".join(f"{r:>7.2f}" for r in summary["cert_acc"]) + f"{'ACR':>8}"
-    row = (
-        f"{title:<{width}}"
-        + "".join(f"{a:>7.3f}" for a in summary["cert_acc"].values())
-        + f"{summary['acr']:>8.3f}"
-    )
+    accs = "".join(f"{a:>7.3f}" for a in summary["cert_acc"].values())
+    row = f"{title:<{width}}{accs}{summary['acr']:>8.3f}"
     return f"certified accuracy at radius r, over {summary['n']} inputs\n{head}\n{row}"
 
 
-def curves(runs, step=0.01):
-    """Figure 1's data: each run (a dict with tsv, name and sigma) with its certified accuracy at
-    radii 0, step, 2 step, ...; a missing TSV is left out with a warning, never drawn flat."""
-    out = []
-    for run in sorted(runs, key=lambda r: r["name"]):  # the same colours in every plot
-        if not os.path.exists(run["tsv"]):
-            print(f"warning: {run['tsv']} (run {run['name']}) is missing; its curve is left out")
-            continue
-        rows = read_rows(run["tsv"])
-        grid = [i * step for i in range(int(max([r["radius"] for r in rows] + [0.5]) / step) + 2)]
-        out.append(dict(run, radii=grid, cert_acc=list(summarize(rows, grid)["cert_acc"].values())))
-    return out
-
-
-def plot_curves(runs, png_path):
-    """Figure 1, certified accuracy against radius: a curve per run and a panel per sigma."""
+def plot_curve(tsv, title, png_path):
+    """Figure 1 for one results file: approximate certified accuracy against radius r."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drawn = curves(runs)
-    sigmas = sorted({r["sigma"] for r in drawn}) or [None]
-    fig, axes = plt.subplots(1, len(sigmas), figsize=(4.5 * len(sigmas), 3.5), squeeze=False)
-    for ax, sigma in zip(axes[0], sigmas, strict=True):
-        for run in (r for r in drawn if r["sigma"] == sigma):
-            ax.plot(run["radii"], run["cert_acc"], label=run["name"])
-        ax.set(title=f"sigma = {sigma}", xlabel="radius r (l2, pixel space)")
-        ax.set(ylabel="certified accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    rows = read_rows(tsv)
+    grid = [i / 100 for i in range(int(max([r["radius"] for r in rows] + [0.5]) * 100) + 2)]
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.plot(grid, list(summarize(rows, grid)["cert_acc"].values()))
+    ax.set(title=title, xlabel="radius r (l2, pixel space)", ylabel="certified accuracy")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     data.atomic_write(png_path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
@@ -421,11 +392,8 @@ def differences(path_a, path_b):
     for key in ("dataset", "test_set_sha256"):
         if a.get(key) != b.get(key):
             raise ValueError(f"{path_a} and {path_b} were certified on other test sets ({key})")
-    return [
-        f"A and B differ in {key}: {a.get(key)} against {b.get(key)}"
-        for key in COMPARED
-        if a.get(key) != b.get(key)
-    ]
+    differ = [key for key in COMPARED if a.get(key) != b.get(key)]
+    return [f"A and B differ in {key}: {a.get(key)} against {b.get(key)}" for key in differ]
 
 
 def compare(paths, resamples=10_000, seed=0):
@@ -546,8 +514,8 @@ def check_args(a):
     given = [v for v in (a.batch, a.skip, a.max) if v is not None]  # None: the default
     rules = [  # (whether it holds, what to do if not)
         (a.compare is None or len(a.compare) % 2 == 0, "--compare takes pairs of results files"),
-        (a.sigma is None or 0 < a.sigma < math.inf, f"--sigma must be > 0, not {a.sigma}"),
-        (a.beta is None or 0 < a.beta < math.inf, f"--beta must be > 0, not {a.beta}"),
+        (a.sigma is None or 0 < a.sigma < math.inf, f"--sigma must be finite, > 0: {a.sigma}"),
+        (a.beta is None or 0 < a.beta < math.inf, f"--beta must be finite, > 0: {a.beta}"),
         (0 < a.alpha < 1, f"--alpha must lie strictly between 0 and 1, not {a.alpha}"),
         (min(a.n0, a.n, *given) >= 1, "--n0, --n, --batch, --skip and --max must be at least 1"),
         (a.start >= 0, "--start must be at least 0"),
@@ -631,7 +599,7 @@ def run(a):
     print(f"largest radius at this n and alpha ({a.bound}, every sample agreeing): {cap:.3f}")
     if a.plot:
         png = os.path.splitext(out)[0] + ".png"
-        plot_curves([dict(tsv=out, name=f"{cfg['dataset']} s={sigma} {a.bound}", sigma=sigma)], png)
+        plot_curve(out, f"{cfg['dataset']}, sigma = {sigma}, {a.bound}", png)
         print(f"wrote {png}")
 
 

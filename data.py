@@ -206,9 +206,7 @@ def load_idx(name, data_dir, train):
                 getattr(torchvision.datasets, folder)(data_dir, train=split, download=True)
     except Exception:
         where = places[0] + (" or run `apt-get install dataset-fashion-mnist`" * bool(system_dir))
-        raise ValueError(
-            f"{name} was not found and could not be downloaded; put it in {where}"
-        ) from None
+        raise ValueError(f"{name} was not found nor downloaded; put it in {where}") from None
     return load_idx(name, data_dir, train)
 
 
@@ -250,8 +248,7 @@ def load_dataset(name, data_dir, train, augment=True):
     path = os.path.join(data_dir, "train" if train else "val")
     if not os.path.isdir(path):
         raise ValueError(
-            f"no ImageNet folder at {path}; point --data-dir at a folder with train/ and val/ "
-            "class subfolders (torchvision's ImageFolder layout)"
+            f"no ImageNet folder at {path}: --data-dir needs train/ and val/, a folder per class"
         )
     tf = (  # the small datasets are cropped and flipped on the device (crop_flip)
         T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()])

@@ -39,9 +39,8 @@ class Normalize(nn.Module):
 
 
 class LogitLinear(nn.Linear):
-    """The last layer, which makes the logits: in float32 even under bf16 autocast. MACER's
-    robustness term and Soft-RS multiply the logits by beta = 16, and with them their bf16
-    rounding (8 bits of mantissa); this layer is a small part of the network's work."""
+    """The logit layer, in float32 even under bf16 autocast: MACER's robustness term and Soft-RS
+    multiply the logits by beta = 16, and bf16's rounding with them; a small part of the work."""
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
@@ -66,23 +65,15 @@ class LeNet(nn.Module):
         return self.fc2(x)
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:  # 1x1-conv shortcut, as in the authors' code
-            self.downsample = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+def basic_block(c_in, c_out, stride):
+    """torchvision's BasicBlock, with the 1x1-conv shortcut of the authors' code where it changes
+    the shape."""
+    downsample = None
+    if stride != 1 or c_in != c_out:
+        downsample = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+        )
+    return torchvision.models.resnet.BasicBlock(c_in, c_out, stride, downsample)
 
 
 class CifarResNet(nn.Module):
@@ -97,8 +88,8 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         for s, (c_in, w) in enumerate([(16, 16), (16, 32), (32, 64)], start=1):
-            first = BasicBlock(c_in, w, 1 if s == 1 else 2)  # stages 2 and 3 halve H and W
-            rest = [BasicBlock(w, w, 1) for _ in range(blocks - 1)]
+            first = basic_block(c_in, w, 1 if s == 1 else 2)  # stages 2 and 3 halve H and W
+            rest = [basic_block(w, w, 1) for _ in range(blocks - 1)]
             setattr(self, f"layer{s}", nn.Sequential(first, *rest))
         self.fc = LogitLinear(64, num_classes)
         for m in self.modules():
@@ -131,10 +122,8 @@ def check_arch(dataset, arch):
     m = re.fullmatch(r"resnet(\d+)", arch or "")
     cifar_like = facts.shape[1:] == (32, 32)
     if not (arch == facts.arch or (cifar_like and m and (int(m.group(1)) - 2) % 6 == 0)):
-        raise ValueError(
-            f"architecture {arch!r} does not fit {dataset}: use {facts.arch}"
-            + (" or another resnet of depth 6n + 2" if cifar_like else "")
-        )
+        other = " or another resnet of depth 6n + 2" if cifar_like else ""
+        raise ValueError(f"architecture {arch!r} does not fit {dataset}: use {facts.arch}{other}")
 
 
 def get_model(dataset, normalize=True, arch=None):

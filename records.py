@@ -1,10 +1,9 @@
-"""The result files of certify.py: the TSV of one row per input (Cohen et al.'s columns), the
-settings record beside it (written when the file starts), the lock and the cut-row repair; tables,
-comparisons and plots are derived from the files when asked for (certify.py) and never stored. A
-file holds rows made under one set of facts (MEANING, DRAW), checked on every resume; each row is
-checked when read. Any number of processes append one line per input, so an interrupted run keeps
-its rows. Input i's noise depends on (seed, i) alone: its row is the same certified alone, after a
-resume, in any order or process (with the same batch, on the same kind of device)."""
+"""certify.py's result files: a TSV of one row per input (Cohen et al.'s columns), the settings
+record beside it (written when the file starts), the lock and the cut-row repair; tables and plots
+are derived from the files (certify.py), never stored. A file holds rows of one set of facts
+(MEANING, DRAW), checked on every resume; each row is checked when read. Processes append a line
+per input, so an interrupted run keeps its rows; input i's noise depends on (seed, i) alone, so its
+row is the same in any order, process or resume (with the same batch, on the same device type)."""
 
 import errno
 import fcntl
@@ -71,9 +70,7 @@ def row_check(cap=math.inf, labels=None, classes=None):
         if labels is not None and label != labels[i]:
             return f"label {label} is not the test set's label {labels[i]} of input {i}"
         if predict < -1 or (classes is not None and predict >= classes):
-            return f"predict {predict} is neither -1 (abstain) nor a class" + (
-                f" 0..{classes - 1}" if classes else ""
-            )
+            return f"predict {predict} is neither -1 (abstain) nor a class index"
         if not (0 <= R <= cap + 1e-9 and math.isfinite(R)):
             return f"radius {R} is outside [0, {cap:.5f}], the radii that n and alpha allow"
         if predict == -1 and R != 0:
@@ -89,9 +86,7 @@ def parse_rows(text, path, check):
     """The rows of a results TSV's text as dicts; ValueError naming the first bad line."""
     lines = text.splitlines()
     if not lines or lines[0] != HEADER:
-        raise ValueError(
-            f"{path} is not a results file of certify.py (its first line is not the TSV header)"
-        )
+        raise ValueError(f"{path} is not a results file of certify.py (no TSV header)")
     rows, seen = [], set()
     for number, line in enumerate(lines[1:], start=2):
         try:
@@ -117,13 +112,13 @@ def parse_rows(text, path, check):
 def read_tsv(path, check=None):
     """The rows of a results TSV, checked by `check` (default: row_check(); certify.read_rows
     checks each radius against its settings record too)."""
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder, not a results file")
-    if not os.path.exists(path):
-        raise ValueError(f"no results file at {path}")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a results file") from None
+    except FileNotFoundError:
+        raise ValueError(f"no results file at {path}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a results file of certify.py (not UTF-8 text)") from None
     return parse_rows(text, path, check or row_check())
@@ -172,8 +167,7 @@ def _continue(f, path, settings, indices, check, overwrite, log):
     text = f.read()
     if text and text.splitlines()[0] != HEADER:
         raise ValueError(
-            f"{path} is not a results file of certify.py (its first line is not the TSV header); "
-            "choose another --out"
+            f"{path} is not a results file of certify.py (no TSV header); choose another --out"
         )
     lines = text.splitlines(keepends=True)
     last = lines[-1] if lines and lines[-1][-1] not in "\r\n" else ""  # a line without its end
@@ -188,13 +182,11 @@ def _continue(f, path, settings, indices, check, overwrite, log):
     saved = read_settings(path, strict=not overwrite)
     body = "".join(text.splitlines()[1:])  # the rows, whatever their line ends
     differ = lambda keys: [k for k in keys if saved.get(k) != settings[k]]
-    why = (
-        f"it has rows but no settings record ({settings_path(path)})"
-        if body and saved is None
-        else f"its rows were made with other settings ({', '.join(differ(MEANING))})"
-        if body and differ(MEANING)
-        else None
-    )
+    why = None
+    if body and saved is None:
+        why = f"it has rows but no settings record ({settings_path(path)})"
+    elif body and differ(MEANING):
+        why = f"its rows were made with other settings ({', '.join(differ(MEANING))})"
     rows = parse_rows(text, path, check) if body and why is None else []
     todo = [i for i in indices if i not in {r["idx"] for r in rows}]
     if why is None and todo and rows and differ(DRAW):
@@ -221,6 +213,8 @@ def _continue(f, path, settings, indices, check, overwrite, log):
         raise ValueError(
             f"could not write {path} or its settings record ({e.strerror}); make room and rerun"
         ) from None
+    if rows:
+        log(f"resuming {path}: {len(rows)} inputs done, {len(todo)} to go")
     return f, rows, todo
 
 

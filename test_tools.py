@@ -535,18 +535,12 @@ def test_the_bootstrap_draws_in_blocks_and_gives_the_same_means():
     assert (big == 1).all() and time.time() - t0 < 60
 
 
-def test_a_missing_tsv_is_left_out_of_the_plot_with_a_warning(tmp_path, capsys):
+def test_plot_draws_the_certified_accuracy_of_a_results_file(tmp_path):
+    """--plot's figure: a PNG of the file's curve, written whole (a new file beside the TSV)."""
+    pytest.importorskip("matplotlib")
     write_tsv(tmp_path / "a.tsv", [(0, 1, 1, 0.6), (1, 1, 0, 0.0)])
-    drawn = certify.curves(
-        [
-            dict(name="here", sigma=0.25, tsv=str(tmp_path / "a.tsv")),
-            dict(name="moved", sigma=0.25, tsv=str(tmp_path / "gone.tsv")),
-        ]
-    )
-    assert [r["name"] for r in drawn] == [
-        "here"
-    ] and "gone.tsv (run moved) is missing" in capsys.readouterr().out
-    assert drawn[0]["cert_acc"][0] == 0.5 and drawn[0]["cert_acc"][int(0.6 / 0.01) + 1] == 0.0
+    certify.plot_curve(str(tmp_path / "a.tsv"), "a", str(tmp_path / "a.png"))
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_table_title_is_never_cut():

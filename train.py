@@ -352,11 +352,11 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank, world):
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             saved, epoch, trained_by = dict(ckpt["config"]), int(ckpt["epoch"]), len(ckpt["rng"])
-            assert trained_by >= 1 and all(len(r) == 2 for r in ckpt["rng"])
+            if trained_by < 1 or any(len(r) != 2 for r in ckpt["rng"]):
+                raise ValueError  # one (CPU, CUDA) RNG state per process; caught just below
         except Exception:
             raise ValueError(
-                f"{ckpt_path} is not a readable train.py checkpoint; delete it or pick another "
-                "--out-dir"
+                f"{ckpt_path} is not a readable train.py checkpoint: delete it, or change --out-dir"
             ) from None
         try:
             cfg = resumed_config(saved, {**flags, "out_dir": cfg.out_dir}, epoch)
@@ -447,9 +447,8 @@ def save_checkpoint(path, run, cfg, progress, device, rank, world):
     """Every rank's RNG state (a resumed DDP run draws the same noise) and rank 0's model,
     optimizer and schedule (run), written atomically by rank 0, with the progress: epoch,
     train_seconds and precisions, one per epoch trained."""
-    rng = [
-        (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-    ]
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    rng = [(torch.get_rng_state(), cuda_rng)]
     if world > 1:
         mine, rng = rng[0], [None] * world
         dist.all_gather_object(rng, mine)
@@ -464,10 +463,8 @@ def save_checkpoint(path, run, cfg, progress, device, rank, world):
     try:
         data.atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
-        raise ValueError(
-            f"could not write {path} ({getattr(e, 'strerror', None) or e}); make room, then "
-            "--resume from the last checkpoint"
-        ) from None
+        why = getattr(e, "strerror", None) or e
+        raise ValueError(f"could not write {path} ({why}); make room, then --resume") from None
     if world > 1:
         dist.barrier()
 
@@ -480,9 +477,8 @@ def certify_checkpoint(cfg, ckpt_path, rank, world):
     out = os.path.join(cfg.out_dir, "certify.tsv")
     record = records.read_settings(out, strict=False)
     with open(ckpt_path, "rb") as f:
-        checkpoint_changed = record is not None and record.get("checkpoint_sha256") != (
-            hashlib.sha256(f.read()).hexdigest()
-        )
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    checkpoint_changed = record is not None and record.get("checkpoint_sha256") != sha256
     flags = dict(data_dir=cfg.data_dir, device=cfg.device, out=out, seed=cfg.seed)
     for k in ("n0", "n", "alpha", "skip", "max") + ("batch",) * (cfg.cert_batch > 0):
         flags[k] = getattr(cfg, f"cert_{k}")  # certify.py's --k is train.py's --cert-k
