@@ -1,6 +1,6 @@
 """Speed of this MACER implementation: each row is a ratio A / B of two timings taken alternately
 (A, B, A, B, ...) after a warm-up, in one run on one device, so that drift in the machine's speed
-cancels; each figure is a median. Each row decides something:
+cancels (5a and 5b: one timing); each figure is a median. Each row decides something:
 
 1. A MACER training step / a cross-entropy step on the same 64 x 16 noisy images, on the default
    path: the loss's overhead. LeNet, and ResNet-110 (ResNet-20 with --quick on CPU).
@@ -266,11 +266,14 @@ def processes(n, inputs):
 def main():
     formatter = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    flag = dict(action="store_true")
-    p.add_argument("--quick", **flag, help="fewer repeats, smaller sizes; ResNet-20 on CPU")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer repeats, smaller sizes; ResNet-20 on CPU"
+    )
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", **flag, help="torch.compile the models trained in 1 and 5a")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the models trained in 1 and 5a"
+    )
     a = p.parse_args()
     device = torch.device(a.device)
     cuda = device.type == "cuda"

@@ -250,12 +250,9 @@ def load_dataset(name, data_dir, train, augment=True):
         raise ValueError(
             f"no ImageNet folder at {path}: --data-dir needs train/ and val/, a folder per class"
         )
-    tf = (  # the small datasets are cropped and flipped on the device (crop_flip)
-        T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()])
-        if train and augment
-        else T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
-    )
-    return torchvision.datasets.ImageFolder(path, tf)
+    crop = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()] if train and augment else None
+    crop = crop or [T.Resize(256), T.CenterCrop(224)]  # the small sets: crop_flip, on the device
+    return torchvision.datasets.ImageFolder(path, T.Compose([*crop, T.ToTensor()]))
 
 
 def labels(dataset):
@@ -281,7 +278,8 @@ def crop_flip(x, pad=4):
     """Random crop with zero padding and random horizontal flip, per image, on x's device."""
     b, C, H, W = x.shape
     arange = lambda n, shape: torch.arange(n, device=x.device).view(shape)
-    i0, j0 = torch.randint(0, 2 * pad + 1, (2, b, 1, 1, 1), device=x.device)  # (b, 1, 1, 1) each
+    i0 = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=x.device)
+    j0 = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=x.device)
     flip = torch.rand(b, 1, 1, 1, device=x.device) < 0.5
     cols = arange(W, (1, 1, 1, W))
     cols = j0 + torch.where(flip, W - 1 - cols, cols)  # (b, 1, 1, W), reversed where flipped

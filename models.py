@@ -198,9 +198,9 @@ def measure_precision(model, device, x, train, budget=0.25, log=print):
 
 
 def pick_precision(flags, saved, batches, model, device, shape, train, log=print):
-    """--bf16 or --fp32 if given (flags); else `saved`, the precision a resumed run or results file
-    began in; for under 50 batches of work, fp32 (measuring would cost more than it can save); else
-    measure_precision's, on a seeded batch of this shape (the run's random stream is untouched)."""
+    """--bf16 or --fp32 if given (flags); else `saved`, what a resumed run last trained in or a
+    results file began in; for under 50 batches of work, fp32 (measuring would cost more than it can
+    save); else measure_precision's, on a batch of this shape (its own seed: the run's is kept)."""
     if flags.bf16 or flags.fp32:
         return "bf16" if flags.bf16 else "fp32"
     if saved in ("bf16", "fp32"):
@@ -231,8 +231,7 @@ class FastPath(nn.Module):
 def fast_path(model, precision):
     """model, with its weights in channels_last, on the fast path in `precision` ("bf16" or
     "fp32"). The returned module shares model's parameters: save model's state_dict."""
-    model = model.to(memory_format=torch.channels_last)
-    return FastPath(model, precision == "bf16")
+    return FastPath(model.to(memory_format=torch.channels_last), precision == "bf16")
 
 
 def default_batch(arch, device):
@@ -243,10 +242,9 @@ def default_batch(arch, device):
 
 
 def join_processes(device_name):
-    """(device, rank, world, joined). Under torchrun: join its process group, unless this process
-    is in it already (train.py calling certify.py), with joined True if this call did, so that the
-    caller leaves it; and on CUDA, take the GPU of LOCAL_RANK. Else (device, 0, 1, False). A device
-    this machine lacks raises ValueError saying what to use."""
+    """(device, rank, world, joined). Under torchrun: join its process group unless already in it
+    (train.py calling certify.py), joined saying whether this call did, for the caller to leave it;
+    on CUDA, the GPU of LOCAL_RANK. Else (device, 0, 1, False). A device not here: ValueError."""
     joined = "RANK" in os.environ and not dist.is_initialized()
     if joined:
         backend = "nccl" if device_name.startswith("cuda") else "gloo"

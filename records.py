@@ -148,13 +148,6 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
         raise ValueError(f"--out {path} is not a regular file; choose another --out")
     f = os.fdopen(fd, "a+", encoding="utf-8", newline="")  # as on disk: a CRLF stays 2 characters
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise ValueError(
-            f"another process is writing {path}; wait, or choose another --out"
-        ) from None
-    try:
         return _continue(f, path, settings, indices, check, overwrite, log)
     except BaseException:
         f.close()
@@ -162,7 +155,11 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
 
 
 def _continue(f, path, settings, indices, check, overwrite, log):
-    """open_results after the lock: what can be continued, what must start afresh."""
+    """open_results once the file is open: the lock, what can be continued, what starts afresh."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise ValueError(f"another process is writing {path}; wait, or use another --out") from None
     f.seek(0)
     text = f.read()
     if text and text.splitlines()[0] != HEADER:
@@ -198,8 +195,7 @@ def _continue(f, path, settings, indices, check, overwrite, log):
     if why is not None:
         if not overwrite:
             raise ValueError(
-                f"{path} cannot be continued: {why}; choose another --out, or pass --overwrite to "
-                "start it afresh"
+                f"{path} cannot be continued: {why}; use another --out, or --overwrite to restart"
             )
         log(f"starting {path} afresh: {why}")
         f.truncate(0)
@@ -219,8 +215,7 @@ def _continue(f, path, settings, indices, check, overwrite, log):
 
 
 def row_line(idx, label, predict, R, seconds):
-    """One row of a results TSV. The radius is R's exact binary value rounded down to 5 decimals,
-    so that a written radius never overclaims."""
+    """A TSV row; the radius is R's exact value rounded down to 5 decimals: it never overclaims."""
     R_text = Decimal(R).quantize(Decimal("1e-5"), ROUND_FLOOR, Context(prec=400))
     return f"{idx}\t{label}\t{predict}\t{R_text}\t{int(predict == label)}\t{seconds:.3f}\n"
 

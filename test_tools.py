@@ -3,6 +3,7 @@ checkpoints, data readers, train.py and certify.py end to end (one process and t
 mistakes a user can make, each ending in one sentence. Run: python -m pytest -q test_macer.py
 test_tools.py"""
 
+import contextlib
 import dataclasses
 import errno
 import gzip
@@ -664,8 +665,9 @@ def test_precision_auto_takes_bf16_only_where_it_measures_clearly_faster(monkeyp
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert "threads)" in models.device_name("cpu")
-    with open("/proc/cpuinfo") as f:
-        model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     assert model in models.device_name("cpu")
 
 

@@ -158,12 +158,13 @@ def check_config(cfg):
         for n, v, low, equal in values
         if not (v >= low if equal else v > low) or not math.isfinite(v)
     ]
+    decays = bool(cfg.milestones) or not cfg.dynamic_lbd
     cohen_ok = cfg.method != "cohen" or (cfg.k == 1 and cfg.lbd == 0 and not cfg.dynamic_lbd)
     rules = [  # (whether it holds, what to do if not)
         (0 <= cfg.seed < 2**32, f"--seed must be in [0, 2^32) (got {cfg.seed})"),
         (0 < cfg.cert_alpha < 1, f"--cert-alpha must be in (0, 1) (got {cfg.cert_alpha})"),
         (list(cfg.milestones) == sorted(set(cfg.milestones)), "--milestones must be increasing"),
-        (cfg.milestones or not cfg.dynamic_lbd, "--dynamic-lbd 1 waits for the first --milestones"),
+        (decays, "--dynamic-lbd 1 waits for the first lr decay: give --milestones"),
         (cohen_ok, "--method cohen is k = 1 and lambda = 0: for other values use --method macer"),
         (not (cfg.fp32 and cfg.bf16), "--fp32 and --bf16 contradict each other; give at most one"),
     ]
@@ -199,9 +200,7 @@ def parse_config(argv=None):
     flags = vars(p.parse_args(argv))
     resume, overwrite = flags.pop("resume", False), flags.pop("overwrite", False)
     if resume and overwrite:
-        raise ValueError(
-            "--resume continues the run in --out-dir and --overwrite replaces it; give one of them"
-        )
+        raise ValueError("--resume continues the run and --overwrite replaces it; give one of them")
     cfg = recipe(*(flags.get(k, getattr(Config, k)) for k in ("dataset", "sigma", "method")))
     cfg = dataclasses.replace(cfg, **flags)
     if not cfg.out_dir:
@@ -240,9 +239,8 @@ def main(argv=None):
     except RuntimeError as e:
         if not certify.out_of_memory(e):
             raise
-        sys.exit(
-            f"error: out of memory ({str(e).strip().splitlines()[0][:120]}); lower --batch or --k."
-        )
+        first = str(e).strip().splitlines()[0][:120]
+        sys.exit(f"error: out of memory ({first}); lower --batch or --k.")
 
 
 def run(cfg, flags, resume, overwrite):
