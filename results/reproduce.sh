@@ -7,10 +7,12 @@
 #   under bf16 autocast (then the default on a Xeon with AVX-512 BF16, logits in bf16 too), seeds 1
 #   and 2 in fp32 (on an AMD EPYC, which has no native bf16); the flags below keep that split.
 # - Certification: Hard-RS, n0 = 100, n = 100,000, alpha = 0.001, fp32, noise seed 0: every 40th
-#   test image (250) for every model, every 20th (500) at sigma 0.5; Soft-RS for MACER at sigma 0.5
-#   (Bernstein on every 80th image, Hoeffding on every 160th). The first 250 rows of each seed-0
-#   file were drawn before per-input noise (their settings record says so): they are read as they
-#   are, and the sigma 0.5 files' next 250 rows were added in the same way.
+#   test image (250) for every model, every 20th (500) at sigma 0.5 and 1.0; Soft-RS for MACER at
+#   sigma 0.5 (Bernstein on every 80th image, Hoeffding on every 160th). The first 250 rows of each
+#   seed-0 file were drawn before per-input noise (their settings record says so): they are read as
+#   they are, and the next 250 rows at sigma 0.5 and 1.0 were drawn the same way (by the code of
+#   commit 37256b7, which draws one noise stream per run). Today's certify.py, which draws per
+#   input, never appends to such a file; from scratch, it makes every file its own way.
 # - The k ablation: MACER at sigma 0.25, seed 0, with k = 1, 2, 4 and 8 (fp32), certified like
 #   the others, every 160th test image first, then every 80th and every 40th.
 # - Then the tables of both READMEs and the figures: python results/tables.py (its plots need
@@ -41,7 +43,8 @@ d() { run_dir "$@"; }
   train macer 0.25 0 --bf16; train cohen 0.25 0 --bf16; train cohen 0.5 0 --bf16; train cohen 1.0 0 --bf16
   train cohen 0.25 1 --fp32; train cohen 0.25 2 --fp32
   for s in 0.25 0.5 1.0; do certify 40 250 $(d cohen $s 0); done; certify 40 250 $(d macer 0.25 0)
-  certify 20 500 $(d cohen 0.5 0); certify 40 250 $(d cohen 0.25 1); certify 40 250 $(d cohen 0.25 2)
+  certify 20 500 $(d cohen 0.5 0); certify 20 500 $(d cohen 1.0 0)
+  certify 40 250 $(d cohen 0.25 1); certify 40 250 $(d cohen 0.25 2)
   for k in 1 2 4 8; do train macer 0.25 0 --fp32 $k; done
   for spec in "160 63" "80 125" "40 250"; do for k in 1 2 4 8; do certify $spec $(k_dir $k); done; done
 ) >> $OUT/log_a.txt 2>&1 &
@@ -49,7 +52,8 @@ d() { run_dir "$@"; }
   train macer 0.5 0 --bf16; train macer 1.0 0 --bf16; train macer 0.25 1 --fp32; train macer 0.25 2 --fp32
   certify 40 250 $(d macer 0.5 0); certify 40 250 $(d macer 1.0 0)
   certify 80 125 $(d macer 0.5 0) bernstein; certify 160 63 $(d macer 0.5 0) hoeffding
-  certify 20 500 $(d macer 0.5 0); certify 40 250 $(d macer 0.25 1); certify 40 250 $(d macer 0.25 2)
+  certify 20 500 $(d macer 0.5 0); certify 20 500 $(d macer 1.0 0)
+  certify 40 250 $(d macer 0.25 1); certify 40 250 $(d macer 0.25 2)
 ) >> $OUT/log_b.txt 2>&1 &
 wait
 python results/tables.py  # the tables of both READMEs, summary.png and radius_cdf.png
