@@ -378,12 +378,11 @@ def figures(all_runs):
             for r in (r for r in compared if r["sigma"] == sigma and "clopper-pearson" in r["tsv"]):
                 got = certify.read_rows(r["tsv"]["clopper-pearson"])
                 R = np.array([x["radius"] * x["correct"] for x in got])  # 0: wrong or abstained
-                ok = np.array([x["correct"] == 1 for x in got])
                 grid = np.linspace(0, R.max() + 0.05, 400)
                 if cdf:
                     y = (R[None, :] <= grid[:, None]).mean(1)
-                else:  # certified accuracy: correct and radius >= r (certify.summarize)
-                    y = (ok[None, :] & (R[None, :] >= grid[:, None])).mean(1)
+                else:
+                    y = list(certify.summarize(got, grid)["cert_acc"].values())
                 label = f"{r['method']} seed {r['seed']} ({len(got)} images)"
                 ax.plot(
                     grid, y, color=colour[r["method"]], linestyle=style[r["seed"] % 4], label=label
@@ -401,9 +400,8 @@ def figures(all_runs):
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for r, got in zip(k_runs, k_rows, strict=True):
         got = [x for x in got if x["idx"] in common]
-        R, ok = np.array([x["radius"] for x in got]), np.array([x["correct"] == 1 for x in got])
-        grid = np.linspace(0, R.max() + 0.05, 400)
-        y = (ok[None, :] & (R[None, :] >= grid[:, None])).mean(1)  # as certify.summarize
+        grid = np.linspace(0, max(x["radius"] for x in got) + 0.05, 400)
+        y = list(certify.summarize(got, grid)["cert_acc"].values())
         ax.plot(grid, y, color=plt.cm.viridis(0.85 * np.log2(r["k"]) / 4), label=f"k = {r['k']}")
     ax.set(title=f"MACER, sigma = 0.25, seed 0: {len(common)} test images", xlabel="radius r")
     ax.set_ylabel("certified accuracy")
