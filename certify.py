@@ -1,10 +1,17 @@
 """Randomized smoothing: Hard-RS (Cohen et al., 2019) and Soft-RS (MACER, Appendix A, Algorithm 2).
 
-g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), is certified around x with radius
-sigma * PhiInv(p_A_low), p_A_low a 1 - alpha lower confidence bound on the top class's probability
-(Theorem 1; Eq. 20 for Soft-RS). The paper's procedures end at summarize(); the checks follow.
+The smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), predicts class A
+with probability p_A under the noise. Theorem 1: g predicts A everywhere within the l2 radius
+sigma * PhiInv(p_A) of x (with p_B <= 1 - p_A). p_A is not known, so CERTIFY samples the noise and
+uses p_A_low, a lower confidence bound that holds with probability 1 - alpha: a certificate is
+wrong with probability at most alpha. For example, p_A_low = 0.98 gives 2.05 sigma. Soft-RS
+(Eq. 20) does the same for the mean softmax z_A = E softmax(beta * u(x + eta))^A.
 
     label, radius = Smooth(model, 10, sigma=0.25).certify(x, 100, 100_000, 0.001, batch_size=400)
+
+The paper ends at summarize(); the checks, then the command line, follow. Smooth needs torch and
+scipy only: copy this file with macer.py. The guarantee assumes exact Gaussian noise; sampled in
+floating point, it can fail near an adversarial input (Voracek and Hein, ICLR 2023).
 """
 
 import argparse
@@ -13,7 +20,6 @@ import math
 import numbers
 import os
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -23,9 +29,7 @@ import torch.nn.functional as F
 from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 
-import data
-import records
-
+CERT = dict(n0=100, n=100_000, alpha=0.001)  # Cohen et al.'s protocol, and the paper's
 RADII = [0.25 * i for i in range(10)]  # the paper's grid r = 0, 0.25, ..., 2.25
 BOUNDS = ("clopper-pearson", "hoeffding", "bernstein")
 
@@ -62,10 +66,11 @@ def radius(p_A_low, sigma, p_B_up=None):
 
 # ---------------------------------------------------------------- the smoothed classifier
 class Smooth:
-    """g around the base classifier f: (b, *D) inputs in [0, 1] pixel space -> (b, num_classes)
-    logits; beta is Soft-RS's inverse temperature. The noise is drawn on `device` (default: f's,
-    else the input's), from `generator` (default: torch's). A sample with a non-finite logit votes
-    for no class. Each call restores f's train/eval modes; bad arguments raise ValueError."""
+    """g around the base classifier f: (b, *D) inputs (images in [0, 1], where sigma is measured)
+    -> (b, num_classes) logits; beta is Soft-RS's inverse temperature. The noise is drawn on
+    `device` (default: f's, else the input's), from `generator` (default: torch's). A sample with a
+    non-finite logit votes for no class, with a warning. Each call restores f's train/eval modes;
+    bad arguments raise ValueError."""
 
     ABSTAIN = -1
 
@@ -76,12 +81,11 @@ class Smooth:
         self.device = torch.device(device) if device is not None else device_of(base_classifier)
 
     def predict(self, x, n, alpha, batch_size, generator=None):
-        """Cohen et al.'s PREDICT: the top class of n samples, or ABSTAIN unless a two-sided
-        binomial test says the top two counts differ at level alpha."""
-        with check_call(self, x, alpha, batch_size, n=n) as x:
+        """Cohen et al.'s PREDICT: the top class of n samples, or ABSTAIN unless the two-sided
+        binomial test of the top two counts rejects a tie at level alpha."""
+        with checked_call(self, x, alpha, batch_size, n=n) as x:
             counts = self._counts(x, n, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n, sigma)
-        warn_nonfinite(int(counts[-1]), n)  # the samples that voted for no class
-        (n_A, n_B), (c_A, _) = (t.tolist() for t in counts[:-1].topk(2))  # the top two counts
+        (n_A, n_B), (c_A, _) = (t.tolist() for t in counts.topk(2))  # the top two counts
         if n_A > 0 and binomtest(n_A, n_A + n_B, 0.5).pvalue <= alpha:  # BINOMPVALUE <= alpha
             return c_A
         return Smooth.ABSTAIN
@@ -89,64 +93,44 @@ class Smooth:
     def certify(self, x, n0, n, alpha, batch_size, bound="clopper-pearson", generator=None):
         """Returns (c_A, radius) or (ABSTAIN, 0.0). bound: "clopper-pearson" is Hard-RS, Cohen et
         al.'s CERTIFY (Theorem 1); "hoeffding" (Eq. 23) and "bernstein" (Eq. 26) are Soft-RS,
-        Algorithm 2, on z = softmax(beta * u). c_A is chosen from n0 selection samples; its
-        probability is bounded from n fresh estimation samples, so the bound holds."""
-        with check_call(self, x, alpha, batch_size, n0=n0, n=n, bound=bound) as x:
+        Algorithm 2, on z = softmax(beta * u). c_A is chosen from n0 samples; its probability is
+        bounded from n fresh samples, so that the bound holds."""
+        with checked_call(self, x, alpha, batch_size, n0=n0, n=n, bound=bound) as x:
             if bound == "clopper-pearson":  # Cohen et al.'s CERTIFY
                 counts0 = self._counts(x, n0, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n0)
-                c_A = int(counts0[:-1].argmax())  # c_A <- top index in counts0
+                c_A = int(counts0.argmax())  # c_A <- top index in counts0
                 counts = self._counts(x, n, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n)
-                n_A, bad = counts[[c_A, -1]].tolist()  # the count of c_A; of non-finite samples
-                p_A_low = clopper_pearson_lower(n_A, n, alpha)  # LOWERCONFBOUND(n_A, n, 1 - alpha)
-                R = radius(p_A_low, self.sigma)  # sigma * PhiInv(p_A_low) if above 1/2, else None
-            else:  # Algorithm 2's CERTIFYHOEFFDING and CERTIFYBERNSTEIN
+                p_A_low = clopper_pearson_lower(int(counts[c_A]), n, alpha)  # LOWERCONFBOUND
+            else:  # Algorithm 2, CERTIFYHOEFFDING and CERTIFYBERNSTEIN
                 z_hat_0 = self._moments(x, n0, batch_size, generator)[0] / n0  # SAMPLEUNDERNOISE
                 c_A = int(z_hat_0.argmax())  # c_A <- argmax_c z_hat_0^c
                 A = self._moments(x, n, batch_size, generator)  # A <- SAMPLEUNDERNOISE(z, x, n)
-                A_1, A_2, bad = A[:, c_A].tolist()  # A[1, c_A], A[2, c_A]; non-finite samples
-                z_hat_A = A_1 / n  # z_hat_A <- A[1, c_A] / n
+                A_1, A_2 = A[:, c_A].tolist()  # A[1, c_A], A[2, c_A]
+                z_hat_A = A_1 / n
                 if bound == "hoeffding":
-                    z_A_low = hoeffding_lower(z_hat_A, n, alpha)  # Eq. 23
+                    p_A_low = hoeffding_lower(z_hat_A, n, alpha)  # Eq. 23
                 else:
-                    z_A_low = bernstein_lower(z_hat_A, sample_variance(A_1, A_2, n), n, alpha)
-                R = radius(z_A_low, self.sigma)  # Eq. 20: sigma * PhiInv(z_A_low) if above 1/2
-        warn_nonfinite(bad, n)
+                    p_A_low = bernstein_lower(z_hat_A, sample_variance(A_1, A_2, n), n, alpha)
+        R = radius(p_A_low, self.sigma)  # sigma * PhiInv(p_A_low) if p_A_low > 1/2, else abstain
         return (Smooth.ABSTAIN, 0.0) if R is None else (c_A, R)
 
     @torch.inference_mode()
     def _counts(self, x, num, batch_size, generator):
-        """Hard-RS's SAMPLEUNDERNOISE: (K + 1,) counts of argmax_c u^c(x + eta) over num samples,
-        on the device; the last entry counts the samples with non-finite logits, no class's vote."""
-        K = self.num_classes
-        counts = torch.zeros(K + 1, dtype=torch.long, device=x.device)
-        for logits in self._noisy_logits(x, num, batch_size, generator):
-            vote = logits.argmax(1).masked_fill(~torch.isfinite(logits).all(1), K)  # (b,)
-            counts += torch.bincount(vote, minlength=K + 1)
-        return counts
+        """Hard-RS's SAMPLEUNDERNOISE: (K,) counts of argmax_c u^c(x + eta) over num samples."""
+        counts = torch.zeros(self.num_classes, dtype=torch.float64, device=x.device)
+        for u, w in noisy_logits(self, x, num, batch_size, generator):  # w: 0 for no vote
+            counts += torch.bincount(u.argmax(1), w, minlength=self.num_classes)
+        return counts.long()
 
     @torch.inference_mode()
     def _moments(self, x, num, batch_size, generator):
-        """Algorithm 2's SAMPLEUNDERNOISE: (3, K) float64 sums over num samples of z and of z^2,
-        z = softmax(beta * u(x + eta)), and in the third the count of non-finite samples (z = 0)."""
-        sums = torch.zeros(3, self.num_classes, dtype=torch.float64, device=x.device)
-        for logits in self._noisy_logits(x, num, batch_size, generator):
-            finite = torch.isfinite(logits).all(1, keepdim=True)  # (b, 1)
-            gaps = logits - logits.amax(1, keepdim=True)  # <= 0: beta * gaps cannot overflow
-            z = F.softmax(self.beta * gaps, dim=1).double().where(finite, 0.0)
-            sums[0] += z.sum(0)
-            sums[1] += (z * z).sum(0)
-            sums[2] += (~finite).sum()
+        """Algorithm 2's SAMPLEUNDERNOISE: (2, K) sums over num samples of z and of z^2, in
+        float64, z = softmax(beta * u(x + eta))."""
+        sums = torch.zeros(2, self.num_classes, dtype=torch.float64, device=x.device)
+        for u, w in noisy_logits(self, x, num, batch_size, generator):  # w: 0 for no vote
+            z = F.softmax(self.beta * u, dim=1).double() * w[:, None]  # (b, K)
+            sums += torch.stack([z.sum(0), (z * z).sum(0)])
         return sums
-
-    def _noisy_logits(self, x, num, batch_size, generator):
-        """The logits (b, K) of f at x + eta, eta ~ N(0, sigma^2 I), in batches of batch_size."""
-        like_x = dict(device=x.device, dtype=x.dtype, generator=generator)
-        for start in range(0, num, batch_size):
-            b = min(batch_size, num - start)
-            with explained_errors(x):  # out of memory, or a network that rejects x's shape
-                eta = torch.randn((b, *x.shape), **like_x)
-                logits = self.base_classifier(x + self.sigma * eta).float()  # x broadcast: (b, *D)
-            yield check_logits(logits, b, self.num_classes, x)
 
 
 # ---------------------------------------------------------------- the metrics of Section 5
@@ -191,9 +175,11 @@ def device_of(module):
 
 
 @contextlib.contextmanager
-def check_call(smooth, x, alpha, batch_size, bound="clopper-pearson", **counts):
-    """Check a call's arguments, put x on the device and the classifier in eval mode, and restore
-    each module's mode afterwards (certifying inside a training loop must not freeze BatchNorm)."""
+def checked_call(smooth, x, alpha, batch_size, bound="clopper-pearson", **counts):
+    """Check a call's arguments, put x on the device in the classifier's floating dtype, the
+    classifier in eval mode, and restore each module's mode afterwards (certifying inside a
+    training loop must not freeze BatchNorm). An image (C, H, W) outside [0, 1] draws a warning:
+    sigma is measured in x's units, and the paper's sigmas in [0, 1] pixels."""
     if bound not in BOUNDS:
         raise ValueError(f"unknown bound {bound!r}: use clopper-pearson, hoeffding or bernstein")
     if bound == "bernstein" and counts["n"] < 2:
@@ -203,12 +189,24 @@ def check_call(smooth, x, alpha, batch_size, bound="clopper-pearson", **counts):
     for name, v in dict(counts, batch_size=batch_size).items():
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             raise ValueError(f"{name} must be an integer >= 1, not {v!r}")
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        raise ValueError(f"x must be a floating-point tensor (images: in [0, 1]), not {x!r:.60}")
+    if x.dim() == 3 and (x.min() < 0 or x.max() > 1):
+        warnings.warn(
+            f"x spans [{x.min():.3g}, {x.max():.3g}]: images go in [0, 1], where sigma is "
+            "measured (divide 0-255 pixels by 255)",
+            stacklevel=3,
+        )
     f = smooth.base_classifier
+    weights = (
+        [p for p in f.parameters() if p.is_floating_point()] if hasattr(f, "parameters") else []
+    )
+    x = x.to(smooth.device or x.device, weights[0].dtype if weights else x.dtype)
     modes = [(m, m.training) for m in f.modules()] if isinstance(f, torch.nn.Module) else []
     for m, _ in modes:
         m.training = False
     try:
-        yield x.to(smooth.device) if smooth.device is not None else x
+        yield x
     finally:
         for m, mode in modes:
             m.training = mode
@@ -229,10 +227,30 @@ def explained_errors(x):
         raise
 
 
+def noisy_logits(smooth, x, num, batch_size, generator):
+    """The base classifier's logits u (b, K) at x + eta, eta ~ N(0, sigma^2 I), for num samples in
+    batches of batch_size, each with its weight w (b,): 0 for a sample with a non-finite logit,
+    which votes for no class (argmax would count a NaN as class 0's vote), else 1. The top logit
+    is subtracted (argmax and softmax unchanged), so that beta * u cannot overflow; a non-finite
+    sample's logits are 0. The count of those draws one warning."""
+    like_x = dict(device=x.device, dtype=x.dtype, generator=generator)
+    bad = 0
+    for start in range(0, num, batch_size):
+        b = min(batch_size, num - start)
+        with explained_errors(x):  # out of memory, or a network that rejects x's shape
+            eta = torch.randn((b, *x.shape), **like_x)
+            u = smooth.base_classifier(x + smooth.sigma * eta).float()  # x broadcast: (b, *D)
+        check_logits(u, b, smooth.num_classes, x)
+        finite = torch.isfinite(u).all(1)  # (b,)
+        bad = bad + (~finite).sum()
+        u = torch.where(finite[:, None], u - u.amax(1, keepdim=True), 0.0)
+        yield u, finite.double()
+    warn_nonfinite(int(bad), num)
+
+
 def check_logits(logits, b, K, x):
     if logits.shape != (b, K):
         raise ValueError(f"the base classifier gave logits {tuple(logits.shape)}: {shape_hint(x)}")
-    return logits
 
 
 def shape_hint(x):
@@ -244,232 +262,13 @@ def shape_hint(x):
 
 def warn_nonfinite(bad, num):
     if bad:
-        message = f"{int(bad)} of {num} noisy samples gave non-finite logits, a vote for no class"
-        warnings.warn(message, stacklevel=3)
+        message = f"{bad} of {num} noisy samples gave non-finite logits, a vote for no class"
+        warnings.warn(message, stacklevel=5)
 
 
 def out_of_memory(error):
     """Whether a RuntimeError from torch is an allocation failure (CUDA's or the CPU's)."""
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
-
-
-# ---------------------------------------------------------------- results files: rows, tables, plot
-def cap_of(settings):
-    """The largest radius a results file's settings record allows (inf without a record)."""
-    if settings is None:
-        return math.inf
-    try:
-        return largest_radius(*[settings[k] for k in ("sigma", "n", "alpha", "bound")]) or 0.0
-    except (KeyError, TypeError, ValueError, ArithmeticError):
-        raise ValueError(
-            "a settings record lacks a valid sigma, n, alpha or bound: restore it, or --overwrite"
-        ) from None
-
-
-def read_rows(path):
-    """A results TSV's rows, each radius checked against the largest its settings record allows."""
-    return records.read_tsv(path, records.row_check(cap_of(records.read_settings(path))))
-
-
-CERTIFY_ARGS = ("n0", "n", "alpha", "batch", "bound")  # Smooth.certify's, from the settings
-
-
-def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
-    """Certify dataset[i] for each i into the open file fd: a row and a log line per input."""
-    t_start = time.time()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for j, i in enumerate(indices):
-            x, label = dataset[i]
-            t0 = time.time()
-            generator = records.input_generator(settings["seed"], i, smooth.device or x.device)
-            prediction, R = smooth.certify(x, *[settings[k] for k in CERTIFY_ARGS], generator)
-            dt = time.time() - t0
-            try:
-                records.append_line(fd, records.row_line(i, int(label), prediction, R, dt))
-            except OSError as e:
-                raise ValueError(
-                    f"cannot write {out} ({e.strerror}); make room and rerun"
-                ) from None
-            remaining = (time.time() - t_start) / (j + 1) * (len(indices) - j - 1)
-            note = "".join(f"  ({w.message})" for w in caught)
-            caught.clear()
-            log(
-                f"{who}[{j + 1:>4}/{len(indices)}] idx {i:>5}  label {int(label)}  predict "
-                f"{prediction:>2}  radius {R:.3f}  "
-                f"{'correct' if prediction == int(label) else 'wrong  '}  {dt:.2f}s  ETA "
-                f"{remaining / 60:.1f} min{note}",
-                flush=True,
-            )
-
-
-def from_rank0(value):
-    """value as rank 0 has it, in every process of a torchrun launch."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
-def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, world=1, log=print):
-    """Certify dataset[i] for i in indices into `out`, process `rank` of `world` taking every
-    world-th input still missing; on rank 0, return these rows' summary, with their `seconds`."""
-    check = records.row_check(cap_of(settings), data.labels(dataset), smooth.num_classes)
-    f, todo = None, None
-    if rank == 0:
-        try:
-            f, _, todo = records.open_results(out, settings, indices, check, overwrite, log)
-        except ValueError as e:
-            todo = str(e)
-    todo = from_rank0(todo)  # rank 0's verdict (the inputs to do, or why not) binds every process
-    if isinstance(todo, str):
-        raise ValueError(todo)
-    fd = f.fileno() if f is not None else os.open(out, os.O_WRONLY | os.O_APPEND)
-    who = f"rank {rank}: " if world > 1 else ""
-    try:
-        certify_each(out, fd, smooth, dataset, todo[rank::world], settings, who, log)
-        if world > 1:  # rank 0 holds the lock until every process has written its rows
-            dist.barrier()
-    finally:
-        os.close(fd) if f is None else f.close()
-    if rank != 0:
-        return None
-    wanted = set(indices)
-    kept = [r for r in records.read_tsv(out, check) if r["idx"] in wanted]
-    return dict(summarize(kept), seconds=sum(r["time"] for r in kept))
-
-
-# ---------------------------------------------------------------- the table, the summary, the plot
-def format_table(summary, title=""):
-    """The paper's Table 1 layout: certified accuracy at each radius, then ACR."""
-    width = max(20, len(title) + 1)
-    head = f"{'':<{width}}" + "".join(f"{r:>7.2f}" for r in summary["cert_acc"]) + f"{'ACR':>8}"
-    accs = "".join(f"{a:>7.3f}" for a in summary["cert_acc"].values())
-    row = f"{title:<{width}}{accs}{summary['acr']:>8.3f}"
-    return f"certified accuracy at radius r, over {summary['n']} inputs\n{head}\n{row}"
-
-
-def plot_curve(tsv, title, png_path):
-    """Figure 1 for one results file: approximate certified accuracy against radius r."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_rows(tsv)
-    grid = [i / 100 for i in range(int(max([r["radius"] for r in rows] + [0.5]) * 100) + 2)]
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot(grid, list(summarize(rows, grid)["cert_acc"].values()))
-    ax.set(title=title, xlabel="radius r (l2, pixel space)", ylabel="certified accuracy")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    data.atomic_write(png_path, lambda f: fig.savefig(f, dpi=120, format="png"))
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------- paired comparison
-def bootstrap_means(d, resamples, rng, block=2**22):
-    """(resamples,) means of d resampled with replacement, drawn in blocks of about `block` indices
-    (50,000 inputs x 10,000 resamples at once would need 4 GB)."""
-    out = np.empty(resamples)
-    per = max(1, block // len(d))
-    for s in range(0, resamples, per):
-        r = min(per, resamples - s)
-        picks = rng.integers(0, len(d), (r, len(d)))  # (r, m) indices
-        out[s : s + r] = d[picks].mean(1)  # (r, m) -> (r,) means
-    return out
-
-
-COMPARED = ("sigma", "n0", "n", "alpha", "bound", "precision", "normalize")
-
-
-def differences(path_a, path_b):
-    """What the settings records of two results files say differently, as notes; ValueError where
-    they hold other test sets, whose images cannot be paired."""
-    a, b = records.read_settings(path_a, strict=False), records.read_settings(path_b, strict=False)
-    if a is None or b is None:
-        missing = [p for p, s in ((path_a, a), (path_b, b)) if s is None]
-        return [f"no settings record beside {', '.join(missing)}: its settings are unknown"]
-    for key in ("dataset", "test_set_sha256"):
-        if a.get(key) != b.get(key):
-            raise ValueError(f"{path_a} and {path_b} were certified on other test sets ({key})")
-    differ = [key for key in COMPARED if a.get(key) != b.get(key)]
-    return [f"A and B differ in {key}: {a.get(key)} against {b.get(key)}" for key in differ]
-
-
-def compare(paths, resamples=10_000, seed=0):
-    """Pairs (A, B) of results files, each compared on the inputs both hold: ACR of each, B - A with
-    a 95% paired-bootstrap interval (inputs resampled), the certified-accuracy difference at each r.
-    With several pairs (one per training seed): their mean difference with a two-level bootstrap
-    interval (pairs resampled, then inputs within each), and the spread of A's and B's ACR."""
-    rng = np.random.default_rng(seed)
-    pairs, diffs = [], []
-    for path_a, path_b in zip(paths[::2], paths[1::2], strict=True):
-        a, b = ({r["idx"]: r for r in read_rows(p)} for p in (path_a, path_b))
-        common = sorted(set(a) & set(b))
-        if not common:
-            raise ValueError(
-                f"{path_a} and {path_b} share no inputs; compare them on the same images"
-            )
-        i = next((i for i in common if a[i]["label"] != b[i]["label"]), None)
-        if i is not None:
-            raise ValueError(
-                f"{path_a} and {path_b} disagree on the label of input {i}: they were not "
-                "certified on the same test set"
-            )
-        s_a, s_b = (summarize([rows[i] for i in common]) for rows in (a, b))
-        credit = [np.array([r[i]["radius"] * r[i]["correct"] for i in common]) for r in (a, b)]
-        d = credit[1] - credit[0]  # (m,) per-input difference of the ACR's terms
-        lo, hi = np.percentile(bootstrap_means(d, resamples, rng), [2.5, 97.5])
-        diffs.append(d)
-        pairs.append(dict(a=path_a, b=path_b, n=len(common), acr_a=s_a["acr"], acr_b=s_b["acr"]))
-        pairs[-1].update(diff=float(d.mean()), ci=(float(lo), float(hi)))
-        pairs[-1].update(notes=differences(path_a, path_b))
-        pairs[-1]["cert_acc_diff"] = {r: s_b["cert_acc"][r] - s_a["cert_acc"][r] for r in RADII}
-    result = dict(pairs=pairs, seed=seed)
-    if len(pairs) > 1:
-        m = len(pairs)
-        pick = rng.integers(0, m, (resamples, m))  # the pairs, resampled
-        inner = np.stack(
-            [bootstrap_means(d, resamples * m, rng).reshape(resamples, m) for d in diffs]
-        )  # (m, resamples, m)
-        rows, cols = np.arange(resamples)[:, None], np.arange(m)[None, :]
-        two_level = inner[pick, rows, cols].mean(1)  # (resamples, m) -> (resamples,)
-        lo, hi = np.percentile(two_level, [2.5, 97.5])
-        result.update(diff=float(np.mean([p["diff"] for p in pairs])), ci=(float(lo), float(hi)))
-        for key in ("acr_a", "acr_b"):
-            v = [p[key] for p in pairs]
-            result[key] = dict(mean=np.mean(v), sd=np.std(v, ddof=1), min=min(v), max=max(v))
-    return result
-
-
-def format_comparison(c):
-    several = len(c["pairs"]) > 1
-    lines = []
-    for j, p in enumerate(c["pairs"], start=1):
-        lines += [
-            f"{f'pair {j}: ' * several}on the {p['n']} inputs both hold: ACR {p['acr_a']:.3f} (A, "
-            f"{p['a']}), {p['acr_b']:.3f} (B, {p['b']})\nACR difference B - A: {p['diff']:+.3f}, "
-            f"95% paired-bootstrap interval [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] (seed "
-            f"{c['seed']})\ncertified accuracy difference B - A at radius r",
-            "".join(f"{r:>7.2f}" for r in p["cert_acc_diff"]),
-            "".join(f"{v:>+7.3f}" for v in p["cert_acc_diff"].values()),
-            *(f"note: {note}" for note in p["notes"]),
-        ]
-    if several:
-        coarse = "; with under 5 pairs the pair level is coarse" * (len(c["pairs"]) < 5)
-        lines.append(
-            f"over the {len(c['pairs'])} pairs: mean ACR difference B - A {c['diff']:+.3f}, 95% "
-            f"two-level bootstrap interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (pairs "
-            f"resampled, then inputs within each{coarse})"
-        )
-        lines += [
-            f"ACR of {side} over the pairs: mean {s['mean']:.3f}, SD {s['sd']:.3f}, range "
-            f"{s['min']:.3f} to {s['max']:.3f}"
-            for side, s in (("A", c["acr_a"]), ("B", c["acr_b"]))
-        ]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- command line
@@ -488,12 +287,10 @@ def parse_args(argv):
     add("--sigma", type=float, help="noise level (default: the checkpoint's)")
     add("--no-normalize", action="store_true", help="the network takes [0, 1] inputs, as MACER's")
     add("--data-dir", default="data")
-    add("--n0", type=int, default=data.CERT["n0"], help="selection samples")
-    add("--n", type=int, default=data.CERT["n"], help="estimation samples")
-    add("--alpha", type=float, default=data.CERT["alpha"], help="failure probability")
-    add(
-        "--batch", type=int, help="noisy samples per forward pass (default: 400 on CPU, 10,000 GPU)"
-    )
+    add("--n0", type=int, default=CERT["n0"], help="selection samples")
+    add("--n", type=int, default=CERT["n"], help="estimation samples")
+    add("--alpha", type=float, default=CERT["alpha"], help="failure probability")
+    add("--batch", type=int, help="noisy samples per forward pass (default: models.default_batch)")
     add("--start", type=int, default=0, help="the first test image (the MACER authors' code: 500)")
     add("--skip", type=int, help="certify every skip-th test image (default: the protocol's)")
     add("--max", type=int, help="at most this many images (default: the protocol's)")
@@ -555,10 +352,12 @@ def main(argv=None):
 
 
 def run(a):
-    import models  # the tools: the library above needs no torchvision
+    import data  # the tools: Smooth above needs none of them
+    import models
+    import records
 
     if a.compare:
-        print(format_comparison(compare(a.compare)))
+        print(records.format_comparison(records.compare(a.compare)))
         return
     device, rank, world, own_group = models.join_processes(a.device)
     try:
@@ -578,7 +377,9 @@ def run(a):
         saved = {} if a.overwrite else records.read_settings(out, strict=False) or {}
         work = len(indices) * (a.n0 + a.n) / batch  # in batches; a resumed file goes on as it began
         args = (a, saved.get("precision"), work, model, device, (batch, *facts.shape), False)
-        precision = from_rank0(models.pick_precision(*args))  # every process certifies in rank 0's
+        precision = models.from_rank0(
+            models.pick_precision(*args)
+        )  # every process certifies in rank 0's
         model = models.fast_path(model.to(device).eval(), precision)
         smooth = Smooth(model, facts.classes, sigma, beta, device=device)
         # The record of this run: what its rows mean (records.MEANING), how the noise was drawn
@@ -596,18 +397,20 @@ def run(a):
                 f"{world} process(es) -> {out}",
                 flush=True,
             )
-        summary = certify_into(out, smooth, test_set, indices, settings, a.overwrite, rank, world)
+        summary = records.certify_into(
+            out, smooth, test_set, indices, settings, a.overwrite, rank, world
+        )
     finally:
         if own_group:
             dist.destroy_process_group()
     if rank != 0:
         return
-    print(format_table(summary, f"{cfg['dataset']} s={sigma}"))
+    print(records.format_table(summary, f"{cfg['dataset']} s={sigma}"))
     cap = largest_radius(sigma, a.n, a.alpha, a.bound)
     print(f"largest radius at this n and alpha ({a.bound}, every sample agreeing): {cap:.3f}")
     if a.plot:
         png = os.path.splitext(out)[0] + ".png"
-        plot_curve(out, f"{cfg['dataset']}, sigma = {sigma}, {a.bound}", png)
+        records.plot_curve(out, f"{cfg['dataset']}, sigma = {sigma}, {a.bound}", png)
         print(f"wrote {png}")
 
 

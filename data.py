@@ -33,7 +33,7 @@ class Recipe:
     dynamic_lbd: tuple = ()  # sigmas where lambda = 0 until the first lr decay (footnote 5)
     grad_clip: float = 0.0
     train_subset: int = 0
-    cert: dict = field(default_factory=dict)  # overrides of CERT, skip and max: train.py's check
+    cert: dict = field(default_factory=dict)  # overrides of certify.CERT, skip and max
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,6 @@ DATASETS = {
         recipe=Recipe(1, 0.01, (), 16, LBD_16, grad_clip=5.0, train_subset=30_000, cert=QUICK_CERT),
     ),
 }
-# Cohen et al.'s certification settings, as the paper's; which test images: DatasetFacts.skip, .max
-CERT = dict(n0=100, n=100_000, alpha=0.001)
 
 
 def dataset_facts(name):

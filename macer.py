@@ -1,25 +1,29 @@
 """MACER: robust training by MAximizing the CErtified Radius (Zhai et al., ICLR 2020).
 
-The loss of Eq. 17 / Algorithm 1 on a batch of n inputs, each seen through k Gaussian copies:
+A smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), is certified
+within the radius sigma/2 (PhiInv(p_A) - PhiInv(p_B)) (Theorem 1). MACER trains the base network f
+so that this radius is large, through a differentiable estimate of it from k noisy copies of each
+input. Algorithm 1 on a batch of n inputs, with u the network's logits:
 
-    l = -(1/n) sum_i log z_hat^{y_i}(x_i)                                      (classification)
-        + (lambda * sigma / (2n)) sum_{i in G} max(gamma - xi_hat_i, 0)        (robustness)
+    line 4:  x_ij = x_i + eta_ij, eta_ij ~ N(0, sigma^2 I), j = 1..k
+    line 5:  z_hat(x_i) = (1/k) sum_j softmax(beta * u(x_ij)), the mean softmax of the copies
+    line 6:  G = {i : y_i = argmax_c z_hat^c(x_i)}, the inputs g_hat classifies correctly
+    line 7:  y_hat_i = argmax_{c != y_i} z_hat^c(x_i), the runner-up
+    line 8:  xi_hat_i = PhiInv(z_hat^{y_i}(x_i)) - PhiInv(z_hat^{y_hat_i}(x_i)), a probit margin
+    line 9:  one step on Eq. 17, with the classification term at beta = 1 (below):
+             l = -(1/n) sum_i log z_hat^{y_i}(x_i)
+                 + (lambda sigma / 2n) sum_{i in G} max(gamma - xi_hat_i, 0)
 
-    z_hat(x_i)      = (1/k) sum_j softmax(u(x_i + eta_ij)),  eta_ij ~ N(0, sigma^2 I)   (line 5)
-    z_hat_beta(x_i) = (1/k) sum_j softmax(beta * u(x_i + eta_ij))          (line 5, with beta)
-    G               = {i : argmax_c z_hat_beta^c(x_i) = y_i}       (line 6; a tie counts as in G)
-    y_hat_i         = argmax_{c != y_i} z_hat_beta^c(x_i)                               (line 7)
-    xi_hat_i        = PhiInv(z_hat_beta^{y_i}(x_i)) - PhiInv(z_hat_beta^{y_hat_i}(x_i)) (line 8)
-
-Eq. 17 as printed has one z_hat in both terms; Section 5.3 and the authors' code apply beta to the
-robustness term only, as here. sigma/2 * xi_hat estimates Eq. 16's Soft-RS radius from k samples;
-it is not certified (certify.py certifies). Needs torch only: paste it, or macer_loss alone.
+sigma * xi_hat_i / 2 is input i's Soft-RS radius (Eq. 16) as k samples estimate it: the hinge pushes
+it up to gamma * sigma / 2, then stops. Eq. 17 as printed has one z_hat in both terms; Section 5.3
+and the authors' code take beta = 1 in the classification term and beta in the robustness term, as
+here. With k = 1 and lambda = 0 the loss is cross-entropy on one noisy copy: Cohen et al. (2019).
 
     x_noisy = noisy_copies(x, k, sigma)                      # (n*k, C, H, W)
     logits = model(x_noisy).view(len(x), k, -1)              # (n*k, K) -> (n, k, K)
     loss, loss_cls, loss_rob = macer_loss(logits, y, sigma, lbd=12.0, gamma=8.0, beta=16.0)
 
-With k = 1 and lbd = 0 the loss is exactly cross-entropy on one noisy copy: Cohen et al. (2019).
+Needs torch only: paste this file into your project. Nothing here is certified (certify.py is).
 """
 
 import math
@@ -46,23 +50,70 @@ def noisy_copies(x, k, sigma, noise=None):
 
 
 def macer_loss(logits, targets, sigma, lbd, gamma, beta):
-    """Eq. 17 / Algorithm 1, lines 5-9. Returns (loss, loss_cls, loss_rob), scalars.
+    """Eq. 17, Algorithm 1 lines 5-9. Returns (loss, loss_cls, loss_rob), scalars.
 
-    logits: (n, k, K) network outputs u(x_ij) on the k noisy copies of each of n inputs, the
-    copies of input i in rows i*k .. i*k+k-1 of the network's batch (as noisy_copies makes them;
-    `x.repeat(k, 1, 1, 1)` would put them n rows apart, and the view would then group copies of
-    different inputs). targets: (n,) int64 class indices. sigma: the noise level of the copies
-    (it scales lambda only, but must be the noise's); lbd >= 0; gamma > 0; beta > 0.
-
-    Through the hinge each logit's gradient grows with lambda * sigma * beta (Proposition 1 bounds
-    it), far above cross-entropy's: the paper trains CIFAR-10, SVHN and MNIST at lr 0.01 (lambda
-    4-16, beta 16), not at the 0.1 usual for cross-entropy (ImageNet: 0.1, with k 2, lambda 3-6).
-
-    The loss is float32 (float64 for float64 logits), whatever autocast chose for the network. The
-    gradient is exactly 0 outside G and beyond gamma, and never NaN while the logits' gaps are
-    finite (float32: below 3.4e38). The hinge is exact for gamma up to 25 (float64: 74): beyond, an
-    input whose probabilities fall below the smallest normal number leaves it. An empty batch: 0.
+    logits: (n, k, K), the network's outputs u(x_ij) on the k noisy copies of each of n inputs,
+    grouped as noisy_copies groups them. targets: (n,) int64 class indices. sigma: the noise level
+    of the copies; lbd >= 0 (lambda); gamma > 0; beta > 0. The loss is float32 whatever autocast
+    chose for the network (float64 for float64 logits), its gradient exactly 0 outside G and beyond
+    gamma, and never NaN for finite logits. An empty batch gives 0.
     """
+    check_loss_args(logits, targets, sigma, lbd, gamma, beta)
+    n = len(logits)
+    if n == 0:  # an empty shard or filtered batch: zeros, still attached to the graph
+        return (logits.sum() * 0.0,) * 3
+    y = targets[:, None]  # (n,) -> (n, 1), to pick each input's own class
+    # Line 5: z_hat(x_i), the mean softmax over the k copies: at beta = 1 for the classification
+    # term (its log), at beta for the robustness term (Section 5.3).
+    log_z_hat = mean_softmax(logits, 1.0, log=True)  # (n, K)
+    z_hat_beta = mean_softmax(logits, beta)  # (n, K)
+    z_y = z_hat_beta.gather(1, y).squeeze(1)  # z_hat_beta^{y_i}(x_i), (n, 1) -> (n,)
+    in_G = z_y == z_hat_beta.amax(dim=1)  # line 6: y_i is the top class (a tie counts as in G)
+    z_y_hat = z_hat_beta.scatter(1, y, -1.0).amax(dim=1)  # line 7: the top class but y_i's
+    xi_hat, defined = probit_margin(z_hat_beta, y, z_y_hat)  # line 8: PhiInv(z_y) - PhiInv(z_y_hat)
+    # Line 9, Eq. 17: both terms are divided by n, the whole batch, not by |G|.
+    loss_cls = -log_z_hat.gather(1, y).mean()  # -(1/n) sum_i log z_hat^{y_i}(x_i)
+    hinge = torch.where(in_G & defined, (gamma - xi_hat).clamp(min=0), 0.0)  # (n,)
+    loss_rob = lbd * sigma / 2 * hinge.sum() / n  # (lambda sigma / 2n) sum_G max(gamma - xi_hat, 0)
+    return loss_cls + loss_rob, loss_cls, loss_rob
+
+
+# ---------------------------------------------------------------- numerical care, and the checks
+def mean_softmax(logits, beta, log=False):
+    """(1/k) sum_j softmax(beta * u_ij) over the copies j: (n, k, K) -> (n, K), in float32 (float64
+    for float64 logits) whatever autocast chose; with log=True, its log.
+
+    The log is taken as logsumexp_j log_softmax(u_ij) - log k: the log of the mean itself is -inf
+    once a probability underflows, and the authors' log(mean + 1e-10) is off for probabilities
+    below about 1e-6. The top logit is subtracted before beta multiplies: beta * u overflows to inf
+    for finite logits beyond 3.4e38 / beta, and softmax then gives NaN."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    gaps = logits - logits.amax(dim=2, keepdim=True).detach()  # <= 0, the same softmax
+    if log:
+        return torch.logsumexp(F.log_softmax(beta * gaps, dim=2), dim=1) - math.log(logits.shape[1])
+    return F.softmax(beta * gaps, dim=2).mean(dim=1)
+
+
+def probit_margin(z_hat_beta, y, z_y_hat):
+    """(xi_hat, defined): xi_hat = PhiInv(z_y) - PhiInv(z_y_hat) where `defined`, else 0, with
+    z_y = z_hat_beta^y.
+
+    Two things go wrong when PhiInv is taken directly. In float32, z_y rounds to 1.0 once
+    xi_hat passes about 11 (PhiInv(1) = inf), while gamma may lie beyond: PhiInv(z_y) is taken
+    as -PhiInv(1 - z_y), with 1 - z_y summed from the other classes, which keeps its digits.
+    And where a probability falls below the smallest normal float (xi_hat above 25 in float32, 74
+    in float64), PhiInv' = 1 / phi(PhiInv) overflows, and the hinge's zero gradient there would be
+    0 * inf = NaN: those inputs are left out (defined is False) before PhiInv runs, so that its
+    gradient never sees them; for gamma up to 25 (float32) they lie beyond the hinge anyway."""
+    one_minus_z_y = z_hat_beta.scatter(1, y, 0.0).sum(dim=1)  # (n,)
+    tiny = torch.finfo(z_hat_beta.dtype).tiny
+    defined = (tiny <= one_minus_z_y) & (one_minus_z_y < 1) & (tiny <= z_y_hat) & (z_y_hat < 1)
+    PhiInv = lambda p: torch.special.ndtri(torch.where(defined, p, 0.5))  # PhiInv(1/2) = 0
+    return -PhiInv(one_minus_z_y) - PhiInv(z_y_hat), defined
+
+
+def check_loss_args(logits, targets, sigma, lbd, gamma, beta):
+    """ValueError unless logits are (n, k >= 1, K), targets (n,) int64, and the numbers in range."""
     if logits.dim() != 3 or logits.shape[1] == 0 or targets.shape != logits.shape[:1]:
         raise ValueError(
             f"need logits (n, k >= 1, K) and targets (n,): {logits.shape, targets.shape}"
@@ -73,41 +124,3 @@ def macer_loss(logits, targets, sigma, lbd, gamma, beta):
             f"need int64 targets, finite sigma, gamma, beta > 0, lbd >= 0: {targets.dtype}, "
             f"{sigma=}, {gamma=}, {beta=}, {lbd=}"
         )
-    n, k, K = logits.shape
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    if n == 0:  # an empty shard or filtered batch: zeros, still attached to the graph
-        return (logits.sum() * 0,) * 3
-
-    # Line 5 at beta = 1, for the classification term:
-    # log z_hat^c = log (1/k) sum_j softmax(u_ij)^c = logsumexp_j log_softmax(u_ij)^c - log k.
-    log_z_hat = torch.logsumexp(F.log_softmax(logits, dim=2), dim=1) - math.log(k)  # (n, K)
-    loss_cls = F.nll_loss(log_z_hat, targets)  # -(1/n) sum_i log z_hat^{y_i}(x_i)
-    if lbd == 0:
-        return loss_cls, loss_cls, torch.zeros_like(loss_cls)
-
-    # Line 5 with beta, for the robustness term; the top logit is subtracted first, so that beta
-    # multiplies gaps <= 0 and no finite logit overflows to inf.
-    gaps = logits - logits.amax(dim=2, keepdim=True).detach()  # (n, k, K)
-    z_hat_beta = F.softmax(beta * gaps, dim=2).mean(dim=1)  # (n, K)
-    is_y = F.one_hot(targets, K).bool()
-    z_y = z_hat_beta.gather(1, targets[:, None]).squeeze(1)  # (n, 1) -> (n,)
-    z_runner_up = z_hat_beta.masked_fill(is_y, -1.0).amax(dim=1)  # line 7: max over c != y_i
-    in_G = z_y >= z_runner_up  # line 6
-    # 1 - z_y from the other classes: in float32 z_y rounds to 1.0 once xi_hat passes 10.6-11.5
-    # (K = 2 to 1000), where PhiInv(z_y) = -PhiInv(1 - z_y) keeps its digits, for gamma above it.
-    one_minus_z_y = z_hat_beta.masked_fill(is_y, 0.0).sum(dim=1)  # (n,)
-
-    def xi_hat(where):  # line 8 on the inputs `where`; the others see PhiInv(1/2) = 0, finite
-        PhiInv = lambda p: torch.special.ndtri(torch.where(where, p, 0.5))
-        return -PhiInv(one_minus_z_y) - PhiInv(z_runner_up)
-
-    # The hinge max(gamma - xi_hat, 0) on the inputs of G where PhiInv' = 1 / phi(PhiInv) is
-    # finite: below the smallest normal number it overflows, and the hinge's zero gradient there
-    # (xi_hat > 25 in float32) would become 0 * inf = NaN.
-    tiny = torch.finfo(z_hat_beta.dtype).tiny
-    inside = lambda p: (tiny <= p) & (p < 1)
-    defined = in_G & inside(one_minus_z_y) & inside(z_runner_up)
-    hinge = torch.where(defined, (gamma - xi_hat(defined)).clamp(min=0), 0.0)  # (n,)
-    # Line 9 / Eq. 17: both terms are divided by n, the whole batch, not by |G|.
-    loss_rob = lbd * sigma / 2 * hinge.sum() / n
-    return loss_cls + loss_rob, loss_cls, loss_rob

@@ -319,3 +319,12 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
             "pass the --dataset and --arch it was trained with"
         ) from None
     return model, cfg
+
+
+def from_rank0(value):
+    """value as rank 0 has it, in every process of a torchrun launch."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value

@@ -12,11 +12,17 @@ import json
 import math
 import os
 import stat
+import time
+import warnings
 from decimal import ROUND_FLOOR, Context, Decimal
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
+import certify
 import data
+import models
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 # What the rows mean: a file never mixes rows made under other values of these.
@@ -223,3 +229,219 @@ def row_line(idx, label, predict, R, seconds):
 def append_line(fd, line):
     """One write of one line to an O_APPEND file: the rows of several processes never interleave."""
     os.write(fd, line.encode())
+
+
+# ---------------------------------------------------------------- certifying into a file
+def cap_of(settings):
+    """The largest radius a results file's settings record allows (inf without a record)."""
+    if settings is None:
+        return math.inf
+    try:
+        return (
+            certify.largest_radius(*[settings[k] for k in ("sigma", "n", "alpha", "bound")]) or 0.0
+        )
+    except (KeyError, TypeError, ValueError, ArithmeticError):
+        raise ValueError(
+            "a settings record lacks a valid sigma, n, alpha or bound: restore it, or --overwrite"
+        ) from None
+
+
+def read_rows(path):
+    """A results TSV's rows, each radius checked against the largest its settings record allows."""
+    return read_tsv(path, row_check(cap_of(read_settings(path))))
+
+
+CERTIFY_ARGS = ("n0", "n", "alpha", "batch", "bound")  # Smooth.certify's, from the settings
+
+
+def certify_each(out, fd, smooth, dataset, indices, settings, who, log):
+    """Certify dataset[i] for each i into the open file fd: a row and a log line per input."""
+    t_start = time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for j, i in enumerate(indices):
+            x, label = dataset[i]
+            t0 = time.time()
+            generator = input_generator(settings["seed"], i, smooth.device or x.device)
+            prediction, R = smooth.certify(x, *[settings[k] for k in CERTIFY_ARGS], generator)
+            dt = time.time() - t0
+            try:
+                append_line(fd, row_line(i, int(label), prediction, R, dt))
+            except OSError as e:
+                raise ValueError(
+                    f"cannot write {out} ({e.strerror}); make room and rerun"
+                ) from None
+            remaining = (time.time() - t_start) / (j + 1) * (len(indices) - j - 1)
+            note = "".join(f"  ({w.message})" for w in caught)
+            caught.clear()
+            log(
+                f"{who}[{j + 1:>4}/{len(indices)}] idx {i:>5}  label {int(label)}  predict "
+                f"{prediction:>2}  radius {R:.3f}  "
+                f"{'correct' if prediction == int(label) else 'wrong  '}  {dt:.2f}s  ETA "
+                f"{remaining / 60:.1f} min{note}",
+                flush=True,
+            )
+
+
+def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, world=1, log=print):
+    """Certify dataset[i] for i in indices into `out`, process `rank` of `world` taking every
+    world-th input still missing; on rank 0, return these rows' summary, with their `seconds`."""
+    check = row_check(cap_of(settings), data.labels(dataset), smooth.num_classes)
+    f, todo = None, None
+    if rank == 0:
+        try:
+            f, _, todo = open_results(out, settings, indices, check, overwrite, log)
+        except ValueError as e:
+            todo = str(e)
+    todo = models.from_rank0(
+        todo
+    )  # rank 0's verdict (the inputs to do, or why not) binds every process
+    if isinstance(todo, str):
+        raise ValueError(todo)
+    fd = f.fileno() if f is not None else os.open(out, os.O_WRONLY | os.O_APPEND)
+    who = f"rank {rank}: " if world > 1 else ""
+    try:
+        certify_each(out, fd, smooth, dataset, todo[rank::world], settings, who, log)
+        if world > 1:  # rank 0 holds the lock until every process has written its rows
+            dist.barrier()
+    finally:
+        os.close(fd) if f is None else f.close()
+    if rank != 0:
+        return None
+    wanted = set(indices)
+    kept = [r for r in read_tsv(out, check) if r["idx"] in wanted]
+    return dict(certify.summarize(kept), seconds=sum(r["time"] for r in kept))
+
+
+# ---------------------------------------------------------------- the table, the summary, the plot
+def format_table(summary, title=""):
+    """The paper's Table 1 layout: certified accuracy at each radius, then ACR."""
+    width = max(20, len(title) + 1)
+    head = f"{'':<{width}}" + "".join(f"{r:>7.2f}" for r in summary["cert_acc"]) + f"{'ACR':>8}"
+    accs = "".join(f"{a:>7.3f}" for a in summary["cert_acc"].values())
+    row = f"{title:<{width}}{accs}{summary['acr']:>8.3f}"
+    return f"certified accuracy at radius r, over {summary['n']} inputs\n{head}\n{row}"
+
+
+def plot_curve(tsv, title, png_path):
+    """Figure 1 for one results file: approximate certified accuracy against radius r."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(tsv)
+    grid = [i / 100 for i in range(int(max([r["radius"] for r in rows] + [0.5]) * 100) + 2)]
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.plot(grid, list(certify.summarize(rows, grid)["cert_acc"].values()))
+    ax.set(title=title, xlabel="radius r (l2, pixel space)", ylabel="certified accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    data.atomic_write(png_path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- paired comparison
+def bootstrap_means(d, resamples, rng, block=2**22):
+    """(resamples,) means of d resampled with replacement, drawn in blocks of about `block` indices
+    (50,000 inputs x 10,000 resamples at once would need 4 GB)."""
+    out = np.empty(resamples)
+    per = max(1, block // len(d))
+    for s in range(0, resamples, per):
+        r = min(per, resamples - s)
+        picks = rng.integers(0, len(d), (r, len(d)))  # (r, m) indices
+        out[s : s + r] = d[picks].mean(1)  # (r, m) -> (r,) means
+    return out
+
+
+COMPARED = ("sigma", "n0", "n", "alpha", "bound", "precision", "normalize")
+
+
+def differences(path_a, path_b):
+    """What the settings records of two results files say differently, as notes; ValueError where
+    they hold other test sets, whose images cannot be paired."""
+    a, b = read_settings(path_a, strict=False), read_settings(path_b, strict=False)
+    if a is None or b is None:
+        missing = [p for p, s in ((path_a, a), (path_b, b)) if s is None]
+        return [f"no settings record beside {', '.join(missing)}: its settings are unknown"]
+    for key in ("dataset", "test_set_sha256"):
+        if a.get(key) != b.get(key):
+            raise ValueError(f"{path_a} and {path_b} were certified on other test sets ({key})")
+    differ = [key for key in COMPARED if a.get(key) != b.get(key)]
+    return [f"A and B differ in {key}: {a.get(key)} against {b.get(key)}" for key in differ]
+
+
+def compare(paths, resamples=10_000, seed=0):
+    """Pairs (A, B) of results files, each compared on the inputs both hold: ACR of each, B - A with
+    a 95% paired-bootstrap interval (inputs resampled), the certified-accuracy difference at each r.
+    With several pairs (one per training seed): their mean difference with a two-level bootstrap
+    interval (pairs resampled, then inputs within each), and the spread of A's and B's ACR."""
+    rng = np.random.default_rng(seed)
+    pairs, diffs = [], []
+    for path_a, path_b in zip(paths[::2], paths[1::2], strict=True):
+        a, b = ({r["idx"]: r for r in read_rows(p)} for p in (path_a, path_b))
+        common = sorted(set(a) & set(b))
+        if not common:
+            raise ValueError(
+                f"{path_a} and {path_b} share no inputs; compare them on the same images"
+            )
+        i = next((i for i in common if a[i]["label"] != b[i]["label"]), None)
+        if i is not None:
+            raise ValueError(
+                f"{path_a} and {path_b} disagree on the label of input {i}: they were not "
+                "certified on the same test set"
+            )
+        s_a, s_b = (certify.summarize([rows[i] for i in common]) for rows in (a, b))
+        credit = [np.array([r[i]["radius"] * r[i]["correct"] for i in common]) for r in (a, b)]
+        d = credit[1] - credit[0]  # (m,) per-input difference of the ACR's terms
+        lo, hi = np.percentile(bootstrap_means(d, resamples, rng), [2.5, 97.5])
+        diffs.append(d)
+        pairs.append(dict(a=path_a, b=path_b, n=len(common), acr_a=s_a["acr"], acr_b=s_b["acr"]))
+        pairs[-1].update(diff=float(d.mean()), ci=(float(lo), float(hi)))
+        pairs[-1].update(notes=differences(path_a, path_b))
+        pairs[-1]["cert_acc_diff"] = {
+            r: s_b["cert_acc"][r] - s_a["cert_acc"][r] for r in certify.RADII
+        }
+    result = dict(pairs=pairs, seed=seed)
+    if len(pairs) > 1:
+        m = len(pairs)
+        pick = rng.integers(0, m, (resamples, m))  # the pairs, resampled
+        inner = np.stack(
+            [bootstrap_means(d, resamples * m, rng).reshape(resamples, m) for d in diffs]
+        )  # (m, resamples, m)
+        rows, cols = np.arange(resamples)[:, None], np.arange(m)[None, :]
+        two_level = inner[pick, rows, cols].mean(1)  # (resamples, m) -> (resamples,)
+        lo, hi = np.percentile(two_level, [2.5, 97.5])
+        result.update(diff=float(np.mean([p["diff"] for p in pairs])), ci=(float(lo), float(hi)))
+        for key in ("acr_a", "acr_b"):
+            v = [p[key] for p in pairs]
+            result[key] = dict(mean=np.mean(v), sd=np.std(v, ddof=1), min=min(v), max=max(v))
+    return result
+
+
+def format_comparison(c):
+    several = len(c["pairs"]) > 1
+    lines = []
+    for j, p in enumerate(c["pairs"], start=1):
+        lines += [
+            f"{f'pair {j}: ' * several}on the {p['n']} inputs both hold: ACR {p['acr_a']:.3f} (A, "
+            f"{p['a']}), {p['acr_b']:.3f} (B, {p['b']})\nACR difference B - A: {p['diff']:+.3f}, "
+            f"95% paired-bootstrap interval [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] (seed "
+            f"{c['seed']})\ncertified accuracy difference B - A at radius r",
+            "".join(f"{r:>7.2f}" for r in p["cert_acc_diff"]),
+            "".join(f"{v:>+7.3f}" for v in p["cert_acc_diff"].values()),
+            *(f"note: {note}" for note in p["notes"]),
+        ]
+    if several:
+        coarse = "; with under 5 pairs the pair level is coarse" * (len(c["pairs"]) < 5)
+        lines.append(
+            f"over the {len(c['pairs'])} pairs: mean ACR difference B - A {c['diff']:+.3f}, 95% "
+            f"two-level bootstrap interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] (pairs "
+            f"resampled, then inputs within each{coarse})"
+        )
+        lines += [
+            f"ACR of {side} over the pairs: mean {s['mean']:.3f}, SD {s['sd']:.3f}, range "
+            f"{s['min']:.3f} to {s['max']:.3f}"
+            for side, s in (("A", c["acr_a"]), ("B", c["acr_b"]))
+        ]
+    return "\n".join(lines)

@@ -187,7 +187,7 @@ def toy_settings(**change):
 def cert(out, indices, log=QUIET, overwrite=False, images=None, smooth=None, **change):
     settings = toy_settings(**change)
     smooth = smooth or Smooth(Stub(), 2, settings["sigma"])
-    return certify.certify_into(
+    return records.certify_into(
         str(out),
         smooth,
         images or toy_set(),
@@ -242,15 +242,15 @@ def test_compare_names_the_settings_that_differ_and_refuses_other_test_sets(tmp_
         write_tsv(path, [(0, 1, 1, 0.1), (1, 2, 2, 0.1)])
         record = dict(toy_settings(n=n), dataset="toy", test_set_sha256="x")
         Path(records.settings_path(str(path))).write_text(json.dumps(record))
-    (pair,) = certify.compare([str(a), str(b)])["pairs"]
+    (pair,) = records.compare([str(a), str(b)])["pairs"]
     assert pair["notes"] == ["A and B differ in n: 200 against 2000"]
-    assert "note: A and B differ in n" in certify.format_comparison(
-        certify.compare([str(a), str(b)])
+    assert "note: A and B differ in n" in records.format_comparison(
+        records.compare([str(a), str(b)])
     )
     record["test_set_sha256"] = "y"
     Path(records.settings_path(str(b))).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="other test sets"):
-        certify.compare([str(a), str(b)])
+        records.compare([str(a), str(b)])
 
 
 def test_results_made_with_other_settings_are_never_mixed(tmp_path):
@@ -336,7 +336,7 @@ def test_a_huge_radius_is_written_with_its_digits_and_read_back(tmp_path):
     (row,) = records.read_tsv(str(out))
     R = certify.largest_radius(1e300, 100, 0.001, "clopper-pearson")  # every sample agrees
     assert row["radius"] == R == pytest.approx(1e300 * norm.ppf(0.001 ** (1 / 100)), rel=1e-9)
-    assert row["predict"] == 1 and certify.read_rows(str(out)) == [row]
+    assert row["predict"] == 1 and records.read_rows(str(out)) == [row]
 
 
 def test_an_empty_results_file_is_started_and_a_corrupt_one_refused(tmp_path):
@@ -385,10 +385,10 @@ def test_every_row_is_checked_against_its_settings_and_the_test_set(tmp_path, fi
         cert(out, [1, 3, 5])
     if field != "idx":  # without the test set, idx 99 is a valid row
         with pytest.raises(ValueError, match="line 3"):
-            certify.read_rows(str(out))
+            records.read_rows(str(out))
     if field == "radius":
         with pytest.raises(ValueError, match="line 3"):
-            certify.compare([str(out), str(out)])
+            records.compare([str(out), str(out)])
 
 
 def test_settings_and_paths_that_are_not_results_files_are_never_written(tmp_path):
@@ -474,7 +474,7 @@ def test_compare_against_a_hand_computed_case(tmp_path):
     write_tsv(
         b, [(0, 1, 1, 0.8), (1, 2, 2, 0.3), (2, 3, 3, 0.1)], time="0:00:03.14"
     )  # Cohen et al.'s time column
-    (c,) = certify.compare([str(a), str(b)], resamples=4000)["pairs"]
+    (c,) = records.compare([str(a), str(b)], resamples=4000)["pairs"]
     assert (
         c["n"] == 3
         and c["acr_a"] == pytest.approx(0.8 / 3)
@@ -487,16 +487,16 @@ def test_compare_against_a_hand_computed_case(tmp_path):
     assert [c["cert_acc_diff"][r] for r in (0.0, 0.25, 0.5, 0.75, 1.0)] == pytest.approx(
         [1 / 3, 0, 0, 1 / 3, 0]
     )
-    assert certify.compare([str(a), str(b)], resamples=4000)["pairs"][0] == c  # seeded
+    assert records.compare([str(a), str(b)], resamples=4000)["pairs"][0] == c  # seeded
     assert records.read_tsv(str(b))[0]["time"] == pytest.approx(3.14)
-    (same,) = certify.compare([str(a), str(a)])["pairs"]
+    (same,) = records.compare([str(a), str(a)])["pairs"]
     assert same["diff"] == 0 and same["ci"] == (0.0, 0.0)
     write_tsv(tmp_path / "c.tsv", [(99, 1, 1, 0.5)])
     with pytest.raises(ValueError, match="share no inputs"):
-        certify.compare([str(a), str(tmp_path / "c.tsv")])
+        records.compare([str(a), str(tmp_path / "c.tsv")])
     write_tsv(tmp_path / "d.tsv", [(0, 4, 4, 0.5)])
     with pytest.raises(ValueError, match="disagree on the label of input 0"):
-        certify.compare([str(a), str(tmp_path / "d.tsv")])
+        records.compare([str(a), str(tmp_path / "d.tsv")])
 
 
 def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
@@ -510,7 +510,7 @@ def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
         for side, rows in (("a", rows_a), ("b", rows_b)):
             write_tsv(tmp_path / f"{side}{j}.tsv", rows)
             paths.append(str(tmp_path / f"{side}{j}.tsv"))
-    c = certify.compare(paths, resamples=4000)
+    c = records.compare(paths, resamples=4000)
     assert [p["diff"] for p in c["pairs"]] == pytest.approx([0.0, 0.3, 0.6])
     assert all(
         p["ci"] == pytest.approx((p["diff"], p["diff"])) for p in c["pairs"]
@@ -520,19 +520,19 @@ def test_compare_over_seeds_with_a_two_level_bootstrap(tmp_path):
         0.6, abs=1e-9
     )  # 3 seeds' extremes
     assert c["acr_b"]["mean"] == pytest.approx(0.8) and c["acr_b"]["sd"] == pytest.approx(0.3)
-    text = certify.format_comparison(c)
+    text = records.format_comparison(c)
     assert "two-level" in text and "pair 3" in text
 
 
 def test_the_bootstrap_draws_in_blocks_and_gives_the_same_means():
     d = np.random.default_rng(1).normal(size=500)
-    whole = certify.bootstrap_means(d, 300, np.random.default_rng(7))
-    blocks = certify.bootstrap_means(
+    whole = records.bootstrap_means(d, 300, np.random.default_rng(7))
+    blocks = records.bootstrap_means(
         d, 300, np.random.default_rng(7), block=1000
     )  # 2 resamples per block
     np.testing.assert_array_equal(whole, blocks)
     t0 = time.time()
-    big = certify.bootstrap_means(np.ones(50_000), 200, np.random.default_rng(0))
+    big = records.bootstrap_means(np.ones(50_000), 200, np.random.default_rng(0))
     assert (big == 1).all() and time.time() - t0 < 60
 
 
@@ -540,12 +540,12 @@ def test_plot_draws_the_certified_accuracy_of_a_results_file(tmp_path):
     """--plot's figure: a PNG of the file's curve, written whole (a new file beside the TSV)."""
     pytest.importorskip("matplotlib")
     write_tsv(tmp_path / "a.tsv", [(0, 1, 1, 0.6), (1, 1, 0, 0.0)])
-    certify.plot_curve(str(tmp_path / "a.tsv"), "a", str(tmp_path / "a.png"))
+    records.plot_curve(str(tmp_path / "a.tsv"), "a", str(tmp_path / "a.png"))
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_table_title_is_never_cut():
-    table = certify.format_table(
+    table = records.format_table(
         certify.summarize([dict(label=1, predict=1, radius=0.2)]), "fashion-mnist s=0.125"
     )
     assert "fashion-mnist s=0.125 " in table
@@ -1481,7 +1481,7 @@ def test_hand_edited_files_and_arguments_end_in_one_sentence(tmp_path):
     for record in ({}, dict(toy_settings(), n="100"), dict(toy_settings(), bound="wilson")):
         Path(records.settings_path(str(a))).write_text(json.dumps(record))
         with pytest.raises(ValueError, match="edited|lacks"):
-            certify.compare([str(a), str(b)])
+            records.compare([str(a), str(b)])
     Path(b).write_bytes(Path(b).read_bytes().replace(b"idx", b"\xefdx"))
     with pytest.raises(ValueError, match="b.tsv is not a results file"):
         records.read_tsv(str(b))

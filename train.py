@@ -32,29 +32,45 @@ from macer import macer_loss, noisy_copies
 
 
 # ---------------------------------------------------------------- Algorithm 1
-def train_one_epoch(model, opt, batches, k, sigma, lbd, gamma, beta, grad_clip=0.0):
-    """Algorithm 1, lines 3-9, once over `batches`. Yields, after each step, its device-side
-    (loss_cls * n, loss_rob * n, correct, n): the host waits for the device only to read them."""
+def train_one_epoch(model, opt, batches, k, sigma, lbd, gamma, beta, grad_clip=0.0, log=None):
+    """Algorithm 1, lines 2-9: one step of opt (SGD) on Eq. 17 for each minibatch in `batches`.
+    log((logits, y, loss_cls, loss_rob)), if given, sees each step's outcome, detached."""
     for x, y in batches:  # line 3: a minibatch (x_i, y_i), i = 1..n
         n = len(y)
         x_noisy = noisy_copies(x, k, sigma)  # line 4: k Gaussian copies of each x_i, (n*k, C, H, W)
         logits = model(x_noisy).view(n, k, -1)  # (n*k, K) -> (n, k, K)
         loss, loss_cls, loss_rob = macer_loss(logits, y, sigma, lbd, gamma, beta)  # lines 5-8
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # line 9: one step of a first-order method on Eq. 17
-        if grad_clip > 0:
+        loss.backward()  # line 9: one step of a first-order method on Eq. 17 ...
+        if grad_clip > 0:  # ... here SGD, with the gradient's norm clipped if grad_clip is set
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        # The top class of the mean softmax over the k copies (at k = 1: of one noisy copy).
-        correct = (logits.detach().softmax(-1).mean(1).argmax(-1) == y).sum()
-        n_ = torch.full_like(loss_cls, n)
-        yield torch.stack([loss_cls.detach() * n, loss_rob.detach() * n, correct.to(n_), n_])
+        if log is not None:
+            log((logits.detach(), y, loss_cls.detach(), loss_rob.detach()))
 
 
 def epoch_lambda(cfg, epoch):
     """Footnote 5: with dynamic lambda, train with lambda = 0 until the first lr decay, which
     lr_schedule makes at epoch milestones[0] (check_config: increasing, and given)."""
     return 0.0 if cfg.dynamic_lbd and epoch < cfg.milestones[0] else cfg.lbd
+
+
+class Progress:
+    """train_one_epoch's log: the epoch's sums of (loss_cls * n, loss_rob * n, correct, n) on the
+    device, correct counting the inputs whose mean softmax over the k copies tops at y; a progress
+    line every log_every steps, the only host sync inside an epoch."""
+
+    def __init__(self, log_every, log):
+        self.sums, self.steps, self.log_every, self.log = 0, 0, log_every, log
+
+    def __call__(self, step):
+        logits, y, loss_cls, loss_rob = step
+        n = torch.full_like(loss_cls, len(y))
+        correct = (logits.softmax(-1).mean(1).argmax(-1) == y).sum().to(n)
+        self.sums = self.sums + torch.stack([loss_cls * n, loss_rob * n, correct, n])
+        self.steps += 1
+        if self.steps % self.log_every == 0:
+            log_stats(self.sums, f"  step {self.steps:>6}", self.log)
 
 
 def log_stats(stats, head, log, tail=""):
@@ -101,9 +117,9 @@ class Config:
     grad_clip: float = arg(0.0, "clip the gradient norm at this value (0: off)")
     train_subset: int = arg(0, "train on the first N training images only (0: all)")
     seed: int = arg(0, "seed of the shuffles, the noise and the initialisation, in [0, 2^32)")
-    cert_n0: int = arg(data.CERT["n0"], "certification: selection samples")
-    cert_n: int = arg(data.CERT["n"], "certification: estimation samples")
-    cert_alpha: float = arg(data.CERT["alpha"], "certification: failure probability")
+    cert_n0: int = arg(certify.CERT["n0"], "certification: selection samples")
+    cert_n: int = arg(certify.CERT["n"], "certification: estimation samples")
+    cert_alpha: float = arg(certify.CERT["alpha"], "certification: failure probability")
     cert_skip: int = arg(20, "certify every skip-th test image (the recipe: the protocol's)")
     cert_max: int = arg(500, "certify at most this many test images (0: none)")
     cert_batch: int = arg(0, "noisy samples per forward pass in certification (0: certify.py's)")
@@ -130,7 +146,7 @@ def recipe(dataset, sigma, method):
     facts = data.dataset_facts(dataset)
     r = facts.recipe
     lbd = r.lbd[min(r.lbd, key=lambda s: abs(s - sigma))]  # a sigma not in the paper: the nearest
-    cert = {**data.CERT, "skip": facts.skip, "max": facts.max, **r.cert}
+    cert = {**certify.CERT, "skip": facts.skip, "max": facts.max, **r.cert}
     same = "epochs lr k gamma beta augment grad_clip train_subset".split()  # Recipe's and Config's
     values = {name: getattr(r, name) for name in same} | {f"cert_{k}": v for k, v in cert.items()}
     values.update(milestones=list(r.milestones), lbd=lbd, dynamic_lbd=sigma in r.dynamic_lbd)
@@ -273,7 +289,7 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     last = epoch_precisions(ckpt)[-1:] or [None]  # a resume trains on as it last trained
     shape = (min(cfg.batch * cfg.k, 512), *data.dataset_facts(cfg.dataset).shape)  # noisy batch
     args = (cfg, last[0], cfg.epochs * per_epoch, model, device, shape, True, log)
-    precision = certify.from_rank0(models.pick_precision(*args))  # every process: rank 0's
+    precision = models.from_rank0(models.pick_precision(*args))  # every process: rank 0's
     model = model.to(memory_format=torch.channels_last)  # the saved model; net trains it
     gpu = [device.index] if device.type == "cuda" else None
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu) if ddp else model
@@ -293,12 +309,9 @@ def fit(cfg, flags, resume, overwrite, rank, world):
             train_set, cfg.batch, epoch, cfg.seed, cfg.augment, device, rank, world
         )
         loss_args = (cfg.k, cfg.sigma, epoch_lambda(cfg, epoch), cfg.gamma, cfg.beta)
-        steps = train_one_epoch(net, opt, batches, *loss_args, cfg.grad_clip)
-        stats = 0
-        for step, s in enumerate(steps, 1):
-            stats = stats + s
-            if step % cfg.log_every == 0:  # the only host sync inside an epoch
-                log_stats(stats, f"  step {step:>6}", log)
+        progress = Progress(cfg.log_every, log)
+        train_one_epoch(net, opt, batches, *loss_args, cfg.grad_clip, progress)
+        stats = progress.sums
         if isinstance(stats, int):  # no batch: fewer images than processes
             raise ValueError(
                 f"the training set gives no batch of {cfg.batch} to each of {world} process(es)"

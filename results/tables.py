@@ -104,7 +104,7 @@ def e10_acr(all_runs):
     order = {"clopper-pearson": 0, "bernstein": 1, "hoeffding": 2}
     for r in sorted(all_runs, key=lambda r: (r["sigma"], r["k"] != 16 and r["method"] == "macer")):
         for bound, path in sorted(r["tsv"].items(), key=lambda kv: order[kv[0]]):
-            s = certify.summarize(certify.read_rows(path))
+            s = certify.summarize(records.read_rows(path))
             what = r["method"].replace("cohen", "Cohen").replace("macer", "MACER")
             what += f", k = {r['k']}" if r["method"] == "macer" and r["k"] != 16 else ""
             what += "" if bound == "clopper-pearson" else f", Soft-RS {bound.capitalize()}"
@@ -125,7 +125,7 @@ def e10_pairs(all_runs):
             if a and b and "clopper-pearson" in a["tsv"] and "clopper-pearson" in b["tsv"]:
                 pairs += [a["tsv"]["clopper-pearson"], b["tsv"]["clopper-pearson"]]
         if pairs:
-            out[sigma] = certify.compare(pairs)
+            out[sigma] = records.compare(pairs)
     return out
 
 
@@ -193,15 +193,15 @@ def softrs(all_runs):
         hard = r["tsv"].get("clopper-pearson")
         for bound in ("bernstein", "hoeffding"):
             if hard and bound in r["tsv"]:
-                (p,) = certify.compare([hard, r["tsv"][bound]])["pairs"]
-                soft_rows = certify.read_rows(r["tsv"][bound])
+                (p,) = records.compare([hard, r["tsv"][bound]])["pairs"]
+                soft_rows = records.read_rows(r["tsv"][bound])
                 smaller = sum(
                     s["radius"] < h["radius"]
-                    for s, h in zip_rows(soft_rows, certify.read_rows(hard))
+                    for s, h in zip_rows(soft_rows, records.read_rows(hard))
                 )
                 same = sum(
                     s["predict"] == h["predict"]
-                    for s, h in zip_rows(soft_rows, certify.read_rows(hard))
+                    for s, h in zip_rows(soft_rows, records.read_rows(hard))
                 )
                 largest = max(s["radius"] for s in soft_rows)
                 rows.append([r["name"], bound, p["n"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}"])
@@ -230,7 +230,7 @@ def at_cap(all_runs):
         cap = certify.largest_radius(
             r["sigma"], settings["n"], settings["alpha"], settings["bound"]
         )
-        got = certify.read_rows(path)
+        got = records.read_rows(path)
         at = sum(x["correct"] and x["radius"] >= cap - 1e-5 for x in got)
         zero = sum(not x["correct"] or x["predict"] == -1 for x in got)
         p_low = [
@@ -254,13 +254,13 @@ def k_ablation(all_runs):
         if not (r and "clopper-pearson" in r["tsv"]):
             rows.append([k, "not certified yet"] + [""] * 6)
             continue
-        s = certify.summarize(certify.read_rows(r["tsv"]["clopper-pearson"]))
+        s = certify.summarize(records.read_rows(r["tsv"]["clopper-pearson"]))
         acc = " / ".join(f"{s['cert_acc'][g]:.3f}" for g in (0.0, 0.25, 0.5, 0.75))
         if k == 16:
             row = [k, s["n"], f"{s['acr']:.3f}", f"{s['acr']:.3f}", "-"]
         else:
             pair = [base["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]]
-            (p,) = certify.compare(pair)["pairs"]
+            (p,) = records.compare(pair)["pairs"]
             row = [k, p["n"], f"{p['acr_b']:.3f}", f"{p['acr_a']:.3f}", fmt_ci(p["diff"], p["ci"])]
         rows.append(row + [acc, r["precision"], r["machine"]])
     head = ["k", "images", "ACR", "k = 16's ACR on them", "k - (k = 16), 95%"]
@@ -311,7 +311,7 @@ def number(v):
 
 def sizes():
     """Lines of each file as formatted (ruff format, 100 columns), and of the reading path:
-    macer.py, train.py's train_one_epoch and epoch_lambda, certify.py down to summarize."""
+    macer.py and certify.py down to their helpers, train.py's train_one_epoch and epoch_lambda."""
 
     def lines(name):
         with open(os.path.join(ROOT, name)) as f:
@@ -324,15 +324,13 @@ def sizes():
         return b - a
 
     files = ["macer.py", "train.py", "certify.py", "records.py", "data.py", "models.py", "bench.py"]
+    files += ["toy.py"] * os.path.exists(os.path.join(ROOT, "toy.py"))
     code = {name: len(lines(name)) - 1 for name in files}
+    helpers = "# ---------------------------------------------------------------- "
     path = {
-        "macer.py": code["macer.py"],
-        "train.py": span("train.py", "def train_one_epoch", "def log_stats"),
-        "certify.py": span(
-            "certify.py",
-            None,
-            "# ---------------------------------------------------------------- Smooth's checks",
-        ),
+        "macer.py": span("macer.py", None, helpers + "numerical care"),
+        "train.py": span("train.py", "def train_one_epoch", "class Progress"),
+        "certify.py": span("certify.py", None, helpers + "Smooth's checks"),
     }
     rows = [[name, code[name], path.get(name, "")] for name in files]
     rows.append(["all", sum(code.values()), sum(path.values())])
@@ -344,7 +342,7 @@ def quick_run():
     folder = os.path.join(HERE, "quick")
     ckpt = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
     tsv = os.path.join(folder, "certify.tsv")
-    got = certify.read_rows(tsv)
+    got = records.read_rows(tsv)
     s = certify.summarize(got)
     settings = records.read_settings(tsv)
     with open(os.path.join(folder, "log.txt")) as f:
@@ -376,7 +374,7 @@ def figures(all_runs):
         fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), squeeze=False)
         for ax, sigma in zip(axes[0], SIGMAS, strict=True):
             for r in (r for r in compared if r["sigma"] == sigma and "clopper-pearson" in r["tsv"]):
-                got = certify.read_rows(r["tsv"]["clopper-pearson"])
+                got = records.read_rows(r["tsv"]["clopper-pearson"])
                 R = np.array([x["radius"] * x["correct"] for x in got])  # 0: wrong or abstained
                 grid = np.linspace(0, R.max() + 0.05, 400)
                 if cdf:
@@ -395,7 +393,7 @@ def figures(all_runs):
         fig.savefig(os.path.join(E10, png), dpi=110)
         plt.close(fig)
     k_runs = [find(all_runs, "macer", 0.25, 0, k) for k in (1, 2, 4, 8, 16)]
-    k_rows = [certify.read_rows(r["tsv"]["clopper-pearson"]) for r in k_runs]
+    k_rows = [records.read_rows(r["tsv"]["clopper-pearson"]) for r in k_runs]
     common = set.intersection(*({x["idx"] for x in got} for got in k_rows))
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for r, got in zip(k_runs, k_rows, strict=True):
