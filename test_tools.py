@@ -1699,3 +1699,28 @@ def test_every_readme_table_is_what_the_committed_files_give():
     assert (
         edited != readme and tables.fill(edited, current) == tables.fill(readme, current) == readme
     )
+
+
+# ================================================================ the worked example (toy.py)
+def test_the_toy_grid_sum_is_the_smoothed_probability_and_its_run_certifies():
+    """toy.smoothed_probability, which draws g's regions, against the closed form of a half-plane
+    f = 1[x_1 > 0.3]: p_1 = Phi((x_1 - 0.3) / sigma), within the grid sum's error at a straight
+    edge, half a grid step times the largest density, h / (2 sigma sqrt(2 pi)). And a short run of
+    the toy's training and certification (as toy.py draws them) certifies its test points."""
+    import toy
+
+    half_plane = nn.Linear(2, 2)
+    with torch.no_grad():
+        half_plane.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+        half_plane.bias.copy_(torch.tensor([0.0, -0.3]))
+    xs, ys = torch.linspace(-1, 1, 201), torch.linspace(-0.5, 0.5, 101)
+    p = toy.smoothed_probability(half_plane, xs, ys)
+    want = torch.tensor(norm.cdf((xs.numpy() - 0.3) / toy.SIGMA), dtype=torch.float32)
+    h = float(xs[1] - xs[0])
+    atol = h / (2 * toy.SIGMA * math.sqrt(2 * math.pi)) + 1e-5
+    torch.testing.assert_close(p, want.expand(len(ys), -1), atol=atol, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    x, y = toy.two_moons(200, 0.15, g)
+    net = toy.fit(**toy.METHODS["MACER"], x=x, y=y, epochs=3)
+    predict, R = toy.certify_points(net, x[:4])
+    assert predict.shape == R.shape == (4,) and (R >= 0).all()
