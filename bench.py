@@ -4,11 +4,11 @@ cancels (5a and 5b: one timing); each figure is a median. Each row decides somet
 
 1. A MACER training step / a cross-entropy step on the same 64 x 16 noisy images, on the default
    path: the loss's overhead. LeNet, and ResNet-110 (ResNet-20 with --quick on CPU).
-2. train.train_one_epoch over 6,400 (--quick: 1,600) LeNet images in bf16 autocast / fp32, beside
-   what precision auto's probe (models.measure_precision) picks: the training precision.
+2. train.train_one_epoch over 6,400 (--quick: 1,600) LeNet images in bf16 autocast / fp32: whether
+   --bf16 pays for training here (the default is fixed per device: models.default_precision).
 3. Certification, noisy samples/s: (b) at models.default_batch / the best of a grid: the default
    batch; LeNet at batch 400, (d) in fp32, channels_last / NCHW: models.FastPath's layout; (e) in
-   channels_last, bf16 autocast / fp32: the certification precision.
+   channels_last, bf16 autocast / fp32: whether --bf16 pays for certification.
 5. GPU only: (a) a ResNet-110 MACER epoch on train.py's path; (b) the time to certify 500
    CIFAR-size inputs at n = 100,000: whether they meet the paper's scale.
 6. CPU only: certification at n = 100,000, two one-thread processes side by side / one: whether
@@ -86,12 +86,13 @@ def fmt(v, unit):
 
 def default_path(arch, device, train, batch=N * K):
     """A fresh LeNet (Fashion-MNIST's input) or ResNet (CIFAR-10's) on train.py's (train) or
-    certify.py's path: channels_last, in measure_precision's choice. (model, precision, shape)."""
+    certify.py's path: channels_last, in the device's default precision. (model, precision,
+    shape)."""
     torch.manual_seed(0)
     dataset = "fashion-mnist" if arch == "lenet" else "cifar10"
     model = models.get_model(dataset, arch=arch).to(device)
     x = torch.rand(min(batch, 512), *data.DATASETS[dataset].shape)
-    precision = models.measure_precision(model, device, x, train)
+    precision = models.default_precision(device)
     return models.fast_path(model, precision), precision, x.shape[1:]
 
 
@@ -136,17 +137,15 @@ def training(device, images, repeats):
         model.load_state_dict(init)
         net = models.fast_path(model, precision)
         batches = data.batches(data.TensorImages(x[:count], y[:count]), N, 0, 0, False, device)
-        stats = train.train_one_epoch(
-            net, train.sgd(net, RECIPE), batches, K, SIGMA, LBD, GAMMA, BETA
-        )
-        sum(stats).tolist()  # the host waits for the device once, at the end
+        train.train_one_epoch(net, train.sgd(net, RECIPE), batches, K, SIGMA, LBD, GAMMA, BETA)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the host waits for the device once, at the end
 
     epoch("bf16", 4 * N)  # the warm-up: a few steps each; the full-size A and B alternate below
     epoch("fp32", 4 * N)
     bf16, fp32 = lambda: epoch("bf16"), lambda: epoch("fp32")
     t_bf16, t_fp32 = alternate(bf16, fp32, device, repeats, warm_up=False)
-    probe = default_path("lenet", device, True)[1]
-    note = f"{images / t_bf16:.0f} against {images / t_fp32:.0f} img/s; the probe here: {probe}"
+    note = f"{images / t_bf16:.0f} against {images / t_fp32:.0f} img/s"
     name = f"2. LeNet training {images:,} images: bf16 / fp32"
     return row(name, t_bf16, t_fp32, "s", "< 1.0x where bf16 pays", note)
 

@@ -311,14 +311,19 @@ def parse_args(argv):
 
 
 def check_args(a):
-    """Raise ValueError naming the first flag out of range (NaN included), before any work."""
+    """Raise ValueError naming the first flag out of range (NaN included), before any work; set
+    --out's default."""
     given = [v for v in (a.batch, a.skip, a.max) if v is not None]  # None: the default
+    alone = a.compare is None or (a.checkpoint is None and a.out is None and not a.plot)
     rules = [  # (whether it holds, what to do if not)
         (a.compare is None or len(a.compare) % 2 == 0, "--compare takes pairs of results files"),
+        (alone, "--compare reads results files only: drop the checkpoint, --out and --plot"),
+        (a.out != "", "--out needs a file name ending in .tsv"),
         (a.sigma is None or 0 < a.sigma < math.inf, f"--sigma must be finite, > 0: {a.sigma}"),
         (a.beta is None or 0 < a.beta < math.inf, f"--beta must be finite, > 0: {a.beta}"),
         (0 < a.alpha < 1, f"--alpha must lie strictly between 0 and 1, not {a.alpha}"),
         (min(a.n0, a.n, *given) >= 1, "--n0, --n, --batch, --skip and --max must be at least 1"),
+        (max(a.n0, a.n) <= 2**53, "--n0 and --n must be at most 2^53, where counts stay exact"),
         (a.start >= 0, "--start must be at least 0"),
         (a.bound != "bernstein" or a.n >= 2, "the Bernstein bound needs --n 2 or more"),
         (0 <= a.seed < 2**32, f"--seed must be an integer in [0, 2^32), not {a.seed}"),
@@ -327,6 +332,8 @@ def check_args(a):
     for holds, message in rules:
         if not holds:
             raise ValueError(message)
+    if a.out is None and a.checkpoint is not None:  # the default: beside the checkpoint
+        a.out = os.path.splitext(a.checkpoint)[0] + f"_{a.bound}_n{a.n}.tsv"
     if largest_radius(1.0, a.n, a.alpha, a.bound) is None:
         raise ValueError(
             f"no input can be certified with --n {a.n} and --alpha {a.alpha} ({a.bound}): even if "
@@ -337,6 +344,9 @@ def check_args(a):
             import matplotlib  # noqa: F401  (a broken install is refused too, before any work)
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install it, or drop --plot") from None
+        png = os.path.splitext(a.out)[0] + ".png"
+        if os.path.isdir(png):
+            raise ValueError(f"--plot would write {png}, a folder: choose another --out")
 
 
 def main(argv=None):
@@ -372,7 +382,7 @@ def run(a):
         indices = list(range(a.start, len(test_set), a.skip or facts.skip))[: a.max or facts.max]
         if not indices:
             raise ValueError(f"--start {a.start} is past the {len(test_set)} test images; lower it")
-        out = a.out or os.path.splitext(a.checkpoint)[0] + f"_{a.bound}_n{a.n}.tsv"
+        out = a.out
         batch = a.batch or models.default_batch(cfg["arch"], device)
         saved = {} if a.overwrite else records.read_settings(out, strict=False) or {}
         work = len(indices) * (a.n0 + a.n) / batch  # in batches; a resumed file goes on as it began
@@ -410,7 +420,10 @@ def run(a):
     print(f"largest radius at this n and alpha ({a.bound}, every sample agreeing): {cap:.3f}")
     if a.plot:
         png = os.path.splitext(out)[0] + ".png"
-        records.plot_curve(out, f"{cfg['dataset']}, sigma = {sigma}, {a.bound}", png)
+        try:
+            records.plot_curve(out, f"{cfg['dataset']}, sigma = {sigma}, {a.bound}", png)
+        except OSError as e:
+            raise ValueError(f"the rows are saved, but {png} could not be written ({e})") from None
         print(f"wrote {png}")
 
 

@@ -168,6 +168,8 @@ def read_idx(path):
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else ()
     if not ndim or len(data) != 4 + 4 * ndim + torch.Size(shape).numel():
         raise ValueError(f"{path} is not a complete uint8 IDX file; download it again")
+    if 0 in shape:
+        raise ValueError(f"{path} holds no images (shape {shape}); download it again")
     return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).view(*shape)
 
 
@@ -258,15 +260,16 @@ def labels(dataset):
     return dataset.y.tolist() if isinstance(dataset, TensorImages) else list(dataset.targets)
 
 
-def fingerprint(dataset):
-    """sha256 of a dataset's images and labels (of an ImageFolder's file names and labels), so that
-    results certified on one test set are never read as another's."""
+def fingerprint(dataset, count=None):
+    """sha256 of a dataset's images and labels (of an ImageFolder's file names and labels), of its
+    first `count` (default: all), so that results certified on one test set are never read as
+    another's, and a run is never resumed on other training images."""
     h = hashlib.sha256()
     if isinstance(dataset, TensorImages):
-        h.update(dataset.x.cpu().contiguous().numpy().tobytes())
-        h.update(dataset.y.cpu().numpy().tobytes())
+        h.update(dataset.x[:count].cpu().contiguous().numpy().tobytes())
+        h.update(dataset.y[:count].cpu().numpy().tobytes())
     else:
-        for path, label in dataset.samples:
+        for path, label in dataset.samples[:count]:
             h.update(f"{os.path.relpath(path, dataset.root)}\t{label}\n".encode())
     return h.hexdigest()
 

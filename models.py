@@ -150,7 +150,7 @@ def device_name(device):
     return f"{model or platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
-BF16_MARGIN = 1.2  # bf16 only where it measures at least this much faster: noise cannot flip it
+BF16_MARGIN = 1.2  # the hint names the other precision where it measured this much faster
 
 
 def seconds_per_call(fn, device, budget):
@@ -166,15 +166,11 @@ def seconds_per_call(fn, device, budget):
     return (time.perf_counter() - t0) / calls
 
 
-def measure_precision(model, device, x, train, budget=0.25, log=print):
-    """Precision "auto": time the workload itself, in fp32 and under bf16 autocast, both in
-    channels_last, on a copy of the model (BatchNorm's statistics and the gradients stay as they
-    were): a training step (forward and backward) if train, else inference, on the batch x. bf16
-    where it is BF16_MARGIN times faster; one line says the ratio and the choice. No flag table:
-    the same AVX-512 BF16 flag is 1.8x faster on one CPU and 0.72x on another."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log("precision auto: this GPU has no bf16: fp32")
-        return "fp32"
+def measure_precision(model, device, x, train, budget=0.25):
+    """bf16's speed as a multiple of fp32's on the workload itself, both in channels_last, on a
+    copy of the model (BatchNorm's statistics and the gradients stay as they were): a training
+    step (forward and backward) if train, else inference, on the batch x. A short probe, which
+    other processes on the machine can move by 2-4x: it advises, it never decides."""
     probe = copy.deepcopy(model).to(device, memory_format=torch.channels_last).train(train)
     x = x.to(device).contiguous(memory_format=torch.channels_last)
 
@@ -185,30 +181,40 @@ def measure_precision(model, device, x, train, budget=0.25, log=print):
         if train:
             out.float().sum().backward()
 
-    t_fp32 = seconds_per_call(lambda: call(False), device, budget)
-    t_bf16 = seconds_per_call(lambda: call(True), device, budget)
-    choice = "bf16" if t_fp32 >= BF16_MARGIN * t_bf16 else "fp32"
-    work = "training steps" if train else "inference"
-    log(
-        f"precision auto: bf16 at {t_fp32 / t_bf16:.2f}x fp32's speed ({work}, batch {len(x)}, "
-        f"{device_name(device)}; bf16 from {BF16_MARGIN}x): {choice}",
-        flush=True,
+    return seconds_per_call(lambda: call(False), device, budget) / seconds_per_call(
+        lambda: call(True), device, budget
     )
-    return choice
+
+
+def default_precision(device):
+    """The precision of a run that names none: fixed per kind of device, never measured, so that
+    the same command certifies the same classifier whatever else the machine runs. bf16 on a GPU
+    that has it; fp32 on a CPU, where bf16 runs from 0.1x to 2.4x fp32's speed by CPU model."""
+    cuda = device.type == "cuda"
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def pick_precision(flags, saved, batches, model, device, shape, train, log=print):
     """--bf16 or --fp32 if given (flags); else `saved`, what a resumed run last trained in or a
-    results file began in; for under 50 batches of work, fp32 (measuring would cost more than it can
-    save); else measure_precision's, on a batch of this shape (its own seed: the run's is kept)."""
+    results file began in; else default_precision. For 50 batches of work or more, a 0.25 s probe
+    on a batch of this shape (its own seed: the run's is kept) prints a hint where the other
+    precision measured BF16_MARGIN times faster here."""
     if flags.bf16 or flags.fp32:
         return "bf16" if flags.bf16 else "fp32"
     if saved in ("bf16", "fp32"):
         return saved
-    if batches < 50:
-        return "fp32"
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    return measure_precision(model, device, x, train, log=log)
+    precision = default_precision(device)
+    if batches >= 50 and (device.type == "cpu" or precision == "bf16"):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        ratio = measure_precision(model, device, x, train)
+        other, gain = ("bf16", ratio) if precision == "fp32" else ("fp32", 1 / ratio)
+        if gain >= BF16_MARGIN:
+            log(
+                f"hint: {other} measured {gain:.2f}x faster than {precision} here (a short probe, "
+                f"{device_name(device)}); --{other} takes it, as a different base classifier",
+                flush=True,
+            )
+    return precision
 
 
 class FastPath(nn.Module):
@@ -300,8 +306,20 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
         state = ckpt
     else:
         raise ValueError(f"{path} is not a checkpoint of train.py, MACER or Cohen et al.")
+    if "model" in ckpt:  # ours: its networks normalise inside, always
+        cfg.setdefault("normalize", True)
+    facts = dict(dataset=str, arch=str, normalize=bool)  # what a checkpoint may say of itself
+    if any(cfg.get(k) is not None and not isinstance(cfg[k], t) for k, t in facts.items()):
+        raise ValueError(f"{path} has a config that train.py did not write; retrain or restore it")
     given = dict(dataset=dataset, arch=arch, normalize=normalize)
-    cfg.update({key: value for key, value in given.items() if value is not None})
+    for key, value in given.items():  # a flag fills in what the checkpoint lacks, never more
+        if value is not None and cfg.get(key) not in (None, value):
+            flag = "--no-normalize" if key == "normalize" else f"--{key} {value}"
+            raise ValueError(
+                f"{flag} contradicts {path}, which records {key} {cfg[key]!r}; drop the flag"
+            )
+        if value is not None:
+            cfg[key] = value
     if cfg.get("dataset") is None:
         names = ", ".join(DATASETS)
         raise ValueError(f"the checkpoint does not say its dataset; pass --dataset ({names})")

@@ -5,6 +5,7 @@ are derived from the files (certify.py), never stored. A file holds rows of one 
 per input, so an interrupted run keeps its rows; input i's noise depends on (seed, i) alone, so its
 row is the same in any order, process or resume (with the same batch, on the same device type)."""
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -47,15 +48,21 @@ def settings_path(tsv_path):
 
 def read_settings(tsv_path, strict=True):
     """The settings record beside a results file, or None; if unreadable, ValueError (None if not
-    strict)."""
+    strict). A FIFO or a folder there is unreadable: opened without blocking, never read."""
     path = settings_path(tsv_path)
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        saved = None
+    except OSError:
+        fd = None
+    if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        fd = None
+    saved = None
+    if fd is not None:
+        with os.fdopen(fd, encoding="utf-8") as f, contextlib.suppress(OSError, ValueError):
+            saved = json.load(f)  # a UnicodeDecodeError is a ValueError
     if isinstance(saved, dict) or not strict:
         return saved if isinstance(saved, dict) else None
     raise ValueError(
@@ -71,7 +78,9 @@ def row_check(cap=math.inf, labels=None, classes=None):
 
     def check(row):
         i, label, predict, R = row["idx"], row["label"], row["predict"], row["radius"]
-        if labels is not None and not 0 <= i < len(labels):
+        if i < 0 or (classes is not None and not 0 <= label < classes):
+            return f"input {i} with label {label} is not a test image of {classes or 'K'} classes"
+        if labels is not None and not i < len(labels):
             return f"input {i} is not in the test set of {len(labels)} images"
         if labels is not None and label != labels[i]:
             return f"label {label} is not the test set's label {labels[i]} of input {i}"
@@ -167,29 +176,34 @@ def _continue(f, path, settings, indices, check, overwrite, log):
     except OSError:
         raise ValueError(f"another process is writing {path}; wait, or use another --out") from None
     f.seek(0)
-    text = f.read()
+    try:
+        text = f.read()
+    except UnicodeDecodeError:
+        text = "not UTF-8"
     if text and text.splitlines()[0] != HEADER:
         raise ValueError(
             f"{path} is not a results file of certify.py (no TSV header); choose another --out"
         )
+    saved = read_settings(path, strict=not overwrite)
+    differ = lambda keys: [k for k in keys if saved.get(k) != settings[k]]
+    why = None
+    if "".join(text.splitlines()[1:]) and saved is None:
+        why = f"it has rows but no settings record ({settings_path(path)})"
+    elif "".join(text.splitlines()[1:]) and differ(MEANING):
+        why = f"its rows were made with other settings ({', '.join(differ(MEANING))})"
     lines = text.splitlines(keepends=True)
     last = lines[-1] if lines and lines[-1][-1] not in "\r\n" else ""  # a line without its end
     fields = last.split("\t")
-    if len(fields) == 6 and fields[5].strip():  # a whole row whose newline an editor dropped
+    if why is not None:
+        pass  # only a file whose record says it is this run's own is repaired
+    elif len(fields) == 6 and fields[5].strip():  # a whole row whose newline an editor dropped
         append_line(f.fileno(), "\n")
         text += "\n"
     elif last:  # a kill inside a write: the last line is cut short
         text = text[: -len(last)]
         f.truncate(len(text.encode()))
         log(f"warning: dropped the cut-off last row of {path}; its input will be certified again")
-    saved = read_settings(path, strict=not overwrite)
     body = "".join(text.splitlines()[1:])  # the rows, whatever their line ends
-    differ = lambda keys: [k for k in keys if saved.get(k) != settings[k]]
-    why = None
-    if body and saved is None:
-        why = f"it has rows but no settings record ({settings_path(path)})"
-    elif body and differ(MEANING):
-        why = f"its rows were made with other settings ({', '.join(differ(MEANING))})"
     rows = parse_rows(text, path, check) if body and why is None else []
     todo = [i for i in indices if i not in {r["idx"] for r in rows}]
     if why is None and todo and rows and differ(DRAW):
@@ -233,22 +247,30 @@ def append_line(fd, line):
 
 # ---------------------------------------------------------------- certifying into a file
 def cap_of(settings):
-    """The largest radius a results file's settings record allows (inf without a record)."""
+    """The largest radius a results file's settings record allows (inf without a record); a record
+    without a valid sigma, n, alpha and bound is a ValueError."""
     if settings is None:
         return math.inf
-    try:
-        return (
-            certify.largest_radius(*[settings[k] for k in ("sigma", "n", "alpha", "bound")]) or 0.0
-        )
-    except (KeyError, TypeError, ValueError, ArithmeticError):
+    sigma, n, alpha, bound = (settings.get(k) for k in ("sigma", "n", "alpha", "bound"))
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    valid = number(sigma) and sigma > 0 and number(alpha) and 0 < alpha < 1
+    if not (valid and isinstance(n, int) and n >= 1 and bound in certify.BOUNDS):
         raise ValueError(
-            "a settings record lacks a valid sigma, n, alpha or bound: restore it, or --overwrite"
-        ) from None
+            f"a settings record lacks a valid sigma, n, alpha or bound (sigma {sigma!r}, n {n!r}, "
+            f"alpha {alpha!r}, bound {bound!r}): restore it, or --overwrite"
+        )
+    return certify.largest_radius(sigma, n, alpha, bound) or 0.0
 
 
 def read_rows(path):
-    """A results TSV's rows, each radius checked against the largest its settings record allows."""
-    return read_tsv(path, row_check(cap_of(read_settings(path))))
+    """A results TSV's rows, each checked against its settings record: the radius against the
+    largest that n and alpha allow, label and prediction against the dataset's classes."""
+    settings = read_settings(path)
+    name = (settings or {}).get("dataset")
+    classes = (
+        data.DATASETS[name].classes if isinstance(name, str) and name in data.DATASETS else None
+    )
+    return read_tsv(path, row_check(cap_of(settings), classes=classes))
 
 
 CERTIFY_ARGS = ("n0", "n", "alpha", "batch", "bound")  # Smooth.certify's, from the settings
@@ -354,7 +376,7 @@ def bootstrap_means(d, resamples, rng, block=2**22):
     return out
 
 
-COMPARED = ("sigma", "n0", "n", "alpha", "bound", "precision", "normalize")
+COMPARED = ("sigma", "beta", "n0", "n", "alpha", "bound", "precision", "normalize")
 
 
 def differences(path_a, path_b):

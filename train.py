@@ -13,10 +13,10 @@ import dataclasses
 import fcntl
 import hashlib
 import itertools
-import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -183,6 +183,8 @@ def check_config(cfg):
         (decays, "--dynamic-lbd 1 waits for the first lr decay: give --milestones"),
         (cohen_ok, "--method cohen is k = 1 and lambda = 0: for other values use --method macer"),
         (not (cfg.fp32 and cfg.bf16), "--fp32 and --bf16 contradict each other; give at most one"),
+        (cfg.k * cfg.batch <= 2**31, "--k times --batch must be at most 2^31 noisy copies a step"),
+        (max(cfg.cert_n0, cfg.cert_n) <= 2**53, "--cert-n0 and --cert-n must be at most 2^53"),
     ]
     bad += [message for holds, message in rules if not holds]
     if not bad and cfg.cert_max > 0:  # before training, not after it
@@ -283,7 +285,13 @@ def fit(cfg, flags, resume, overwrite, rank, world):
     torch.manual_seed(cfg.seed + rank)
     model, opt, sched = build(cfg, device, ckpt, rank)
     ddp = world > 1
-    train_set = load_train_set(cfg, device, ddp)
+    train_set, train_sha256 = load_train_set(cfg, device, ddp)
+    recorded = (ckpt or {}).get("config", {}).get("train_set_sha256")
+    if recorded not in (None, train_sha256):  # checkpoints before the fingerprint have none
+        raise ValueError(
+            f"the training images under --data-dir {cfg.data_dir} are not those the checkpoint "
+            "was trained on; resume with the same data, or start a new --out-dir"
+        )
     loader = isinstance(train_set, DataLoader)  # whose len() counts batches
     per_epoch = len(train_set) if loader else len(train_set) // (cfg.batch * world)
     last = epoch_precisions(ckpt)[-1:] or [None]  # a resume trains on as it last trained
@@ -309,9 +317,9 @@ def fit(cfg, flags, resume, overwrite, rank, world):
             train_set, cfg.batch, epoch, cfg.seed, cfg.augment, device, rank, world
         )
         loss_args = (cfg.k, cfg.sigma, epoch_lambda(cfg, epoch), cfg.gamma, cfg.beta)
-        progress = Progress(cfg.log_every, log)
-        train_one_epoch(net, opt, batches, *loss_args, cfg.grad_clip, progress)
-        stats = progress.sums
+        meter = Progress(cfg.log_every, log)
+        train_one_epoch(net, opt, batches, *loss_args, cfg.grad_clip, meter)
+        stats = meter.sums
         if isinstance(stats, int):  # no batch: fewer images than processes
             raise ValueError(
                 f"the training set gives no batch of {cfg.batch} to each of {world} process(es)"
@@ -322,10 +330,11 @@ def fit(cfg, flags, resume, overwrite, rank, world):
             dist.all_reduce(stats)
         rate = f"{stats[3].item() / (time.time() - t0):.0f} img/s, {time.time() - t_run:.0f}s"
         log_stats(stats, f"epoch {epoch + 1}", log, f"  lr {lr:.5f}  {rate}  {precision}")
+        check_finite(model, epoch, ckpt_path)
         precisions.append(precision)
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             progress = dict(epoch=epoch + 1, train_seconds=time.time() - t_run)
-            progress["precisions"] = precisions
+            progress.update(precisions=precisions, train_set_sha256=train_sha256)
             save_checkpoint(ckpt_path, (model, opt, sched), cfg, progress, device, rank, world)
     if cfg.cert_max > 0:
         log(f"trained in {time.time() - t_run:.0f}s; checkpoint {ckpt_path}")
@@ -336,6 +345,8 @@ def lock_run_folder(out_dir):
     """Create out_dir and lock it for this run's life, so that two runs never share it."""
     try:
         os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):  # writable: fail now, not after an epoch
+            pass
         fd = os.open(out_dir, os.O_RDONLY)
     except OSError as e:
         raise ValueError(
@@ -353,7 +364,8 @@ def lock_run_folder(out_dir):
 
 def open_run(cfg, flags, resume, overwrite, ckpt_path, rank, world):
     """(cfg, checkpoint or None): the saved run's settings and state on --resume, else a new run,
-    refused where it would replace a checkpoint without --overwrite. Rank 0 writes config.json."""
+    refused where it would replace a checkpoint without --overwrite. The checkpoint is the run's
+    one record: its config holds every setting, and nothing beside it repeats them."""
     ckpt = None
     if os.path.isdir(ckpt_path):
         raise ValueError(f"{ckpt_path} is a folder; remove it or choose another --out-dir")
@@ -380,28 +392,40 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank, world):
             )
     elif os.path.exists(ckpt_path) and not overwrite:
         raise ValueError(f"{ckpt_path} exists; pass --resume, --overwrite or another --out-dir")
-    if rank == 0:  # fail now, not after the first epoch
-        text = json.dumps(dataclasses.asdict(cfg), indent=1)
-        try:
-            data.atomic_write(os.path.join(cfg.out_dir, "config.json"), text)
-        except OSError as e:
-            raise ValueError(
-                f"cannot write to --out-dir {cfg.out_dir} ({e.strerror}); choose a writable folder"
-            ) from None
     return cfg, ckpt
 
 
 def load_train_set(cfg, device, ddp):
-    """A small dataset whole on the device; ImageNet through a DataLoader (sharded under DDP). Both
-    take the first --train-subset images, if given."""
+    """(training set, its fingerprint): a small dataset whole on the device, ImageNet through a
+    DataLoader (sharded under DDP); both the first --train-subset images, if given."""
     train_set = data.load_dataset(cfg.dataset, cfg.data_dir, train=True, augment=cfg.augment)
     N = cfg.train_subset or len(train_set)
+    if N > len(train_set):
+        raise ValueError(
+            f"--train-subset {N} is more than the {len(train_set)} training images in "
+            f"--data-dir {cfg.data_dir}; lower it (0: all)"
+        )
+    fingerprint = data.fingerprint(train_set, N)
     if isinstance(train_set, data.TensorImages):
-        return data.TensorImages(train_set.x[:N].to(device), train_set.y[:N].to(device))
-    train_set = Subset(train_set, range(min(N, len(train_set))))
+        return data.TensorImages(
+            train_set.x[:N].to(device), train_set.y[:N].to(device)
+        ), fingerprint
+    train_set = Subset(train_set, range(N))
     sampler = DistributedSampler(train_set, seed=cfg.seed, drop_last=True) if ddp else None
     opts = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True)
-    return DataLoader(train_set, cfg.batch, shuffle=sampler is None, sampler=sampler, **opts)
+    loader = DataLoader(train_set, cfg.batch, shuffle=sampler is None, sampler=sampler, **opts)
+    return loader, fingerprint
+
+
+def check_finite(model, epoch, ckpt_path):
+    """A FloatingPointError unless every weight and buffer is finite after `epoch`'s steps: the
+    loss is checked before each step, and the last step can still break the weights."""
+    if not all(torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers()]):
+        raise FloatingPointError(
+            f"the weights became non-finite in epoch {epoch + 1} and were not saved; {ckpt_path} "
+            "holds the last good epoch, if any: lower --lr or --lbd, or clip harder with a smaller "
+            "--grad-clip (0 is no clip)"
+        )
 
 
 def lr_schedule(opt, milestones):
@@ -469,6 +493,7 @@ def save_checkpoint(path, run, cfg, progress, device, rank, world):
     model, opt, sched = run
     precision, machine = describe_precisions(progress["precisions"]), models.device_name(device)
     config = dict(dataclasses.asdict(cfg), precision=precision, device_name=machine)
+    config["train_set_sha256"] = progress.pop("train_set_sha256")  # the training images' hash
     state = dict(model=model.state_dict(), optimizer=opt.state_dict(), rng=rng, config=config)
     state.update(scheduler=sched.state_dict(), **progress)
     try:
@@ -493,19 +518,19 @@ def certify_checkpoint(cfg, ckpt_path, rank, world):
     flags = dict(data_dir=cfg.data_dir, device=cfg.device, out=out, seed=cfg.seed)
     for k in ("n0", "n", "alpha", "skip", "max") + ("batch",) * (cfg.cert_batch > 0):
         flags[k] = getattr(cfg, f"cert_{k}")  # certify.py's --k is train.py's --cert-k
-    argv = [ckpt_path] + [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]  # "=": a value may start "-"
     argv += ["--overwrite"] * checkpoint_changed + ["--fp32"] * cfg.fp32 + ["--bf16"] * cfg.bf16
+    argv += ["--", ckpt_path]
     if rank == 0:
         launcher = f"torchrun --nproc_per_node {world} --" if world > 1 else "python"
         print(f"+ {launcher} certify.py " + " ".join(argv), flush=True)
     try:
         certify.main(argv)
     except SystemExit as e:
-        if "cannot be continued" not in str(e.code):
-            raise
+        why = str(e.code).removeprefix("error: ").rstrip(".")
         raise ValueError(
-            f"{out} holds rows of this checkpoint made with other --cert-* settings, kept as they "
-            f"are; the checkpoint is saved: certify it with certify.py into another --out"
+            f"the checkpoint is saved, but certifying it stopped: {why} (certify.py's flags: run "
+            f"certify.py {ckpt_path} yourself; train.py's --overwrite would train again)"
         ) from None
 
 

@@ -9,6 +9,8 @@ bench JSON files. Each table sits between `<!-- table:NAME -->` and `<!-- /table
 import argparse
 import difflib
 import glob
+import hashlib
+import io
 import json
 import os
 import re
@@ -37,29 +39,28 @@ GRID = certify.RADII
 
 # ---------------------------------------------------------------- the runs and their files
 def runs():
-    """Each run folder of e10/: its name, training record (config.json and the checkpoint's), and
-    its results files by bound."""
+    """Each run folder of e10/: its name, its training record (the checkpoint's config, the run's
+    one record) and its results files by bound, each verified against the folder (verified)."""
     out = []
-    for folder in sorted(glob.glob(os.path.join(E10, "*", "config.json"))):
-        folder = os.path.dirname(folder)
-        with open(os.path.join(folder, "config.json")) as f:
-            cfg = json.load(f)
-        ckpt = torch.load(
-            os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True
-        )
-        record = ckpt["config"]
-        tsvs = {
-            b: p
-            for b in certify.BOUNDS
-            if os.path.exists(p := os.path.join(folder, f"checkpoint_{b}_n100000.tsv"))
-        }
+    for path in sorted(glob.glob(os.path.join(E10, "*", "checkpoint.pt"))):
+        with open(path, "rb") as f:
+            blob = f.read()
+        ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        record, sha256 = ckpt["config"], hashlib.sha256(blob).hexdigest()
+        tsvs = {}
+        for bound in certify.BOUNDS:
+            tsv = os.path.join(os.path.dirname(path), f"checkpoint_{bound}_n100000.tsv")
+            if os.path.exists(tsv):
+                tsvs[bound] = verified(tsv, sha256, record, bound, 100_000)
         out.append(
             dict(
-                name=os.path.basename(folder),
-                method=cfg["method"],
-                sigma=cfg["sigma"],
-                seed=cfg["seed"],
-                k=cfg["k"],
+                name=os.path.basename(os.path.dirname(path)),
+                method=record["method"],
+                sigma=record["sigma"],
+                seed=record["seed"],
+                k=record["k"],
+                lbd=record["lbd"],
+                dynamic_lbd=record["dynamic_lbd"],
                 epochs=ckpt["epoch"],
                 precision=record.get("precision") or "not recorded",
                 machine=machine(record.get("device_name")),
@@ -69,18 +70,56 @@ def runs():
     return out
 
 
+def verified(tsv, sha256, record, bound, n):
+    """tsv, once its settings record says it certifies this checkpoint (its hash), at the run's
+    sigma and dataset, with the bound and n its name says; else SystemExit naming what differs."""
+    settings = records.read_settings(tsv) or {}
+    want = dict(checkpoint_sha256=sha256, sigma=record["sigma"], dataset=record["dataset"])
+    want.update(bound=bound, n=n)
+    wrong = [k for k, v in want.items() if settings.get(k) != v]
+    if wrong:
+        got = ", ".join(f"{k} {settings.get(k)!r}" for k in wrong)
+        sys.exit(f"error: {tsv}'s settings record says {got}, not its run's or its name's; fix it")
+    return tsv
+
+
+SAME = ("n0", "n", "alpha", "dataset", "test_set_sha256")  # across the rows of any one table
+
+
+def consistent(paths, keys=SAME):
+    """paths, once their settings records agree on `keys`; else SystemExit naming the setting."""
+    settings = {p: records.read_settings(p) or {} for p in paths}
+    for key in keys:
+        values = {json.dumps(s.get(key)) for s in settings.values()}
+        if len(values) > 1:
+            seen = ", ".join(
+                f"{os.path.relpath(p, HERE)}: {s.get(key)}" for p, s in settings.items()
+            )
+            sys.exit(f"error: one table would mix {key} ({seen}); certify them alike")
+    return paths
+
+
+def compared(paths, notes_allowed=False):
+    """records.compare on pairs of files, refused where their records differ (its notes)."""
+    c = records.compare(list(consistent(paths, SAME + ("bound",) * (not notes_allowed))))
+    notes = [note for p in c["pairs"] for note in p["notes"]]
+    if notes and not notes_allowed:
+        sys.exit(f"error: compared files differ: {'; '.join(notes)}")
+    return c
+
+
 def machine(name):
     """The CPU or GPU a record names; "not recorded" where it names only "cpu"."""
     return "not recorded" if not name or name.startswith("cpu (") else name.split(" (")[0]
 
 
-def find(all_runs, method, sigma, seed=0, k=None):
+def find(all_runs, method, sigma, seed=0, k=None, dynamic_lbd=False, lbd=None):
+    """The run of these settings (MACER: k = 16 and lambda 16 without footnote 5, by default)."""
     k = k if k is not None else (1 if method == "cohen" else 16)
-    hits = [
-        r
-        for r in all_runs
-        if (r["method"], r["sigma"], r["seed"], r["k"]) == (method, sigma, seed, k)
-    ]
+    lbd = lbd if lbd is not None else (0.0 if method == "cohen" else 16.0)
+    key = (method, sigma, seed, k, dynamic_lbd, lbd)
+    hits = [r for r in all_runs if (r["method"], r["sigma"], r["seed"], r["k"]) == key[:4]]
+    hits = [r for r in hits if (r["dynamic_lbd"], r["lbd"]) == key[4:]]
     return hits[0] if hits else None
 
 
@@ -102,6 +141,7 @@ def e10_acr(all_runs):
     """Certified accuracy at each r and ACR, per run and bound."""
     rows = []
     order = {"clopper-pearson": 0, "bernstein": 1, "hoeffding": 2}
+    consistent([p for r in all_runs for p in r["tsv"].values()])
     for r in sorted(all_runs, key=lambda r: (r["sigma"], r["k"] != 16 and r["method"] == "macer")):
         for bound, path in sorted(r["tsv"].items(), key=lambda kv: order[kv[0]]):
             s = certify.summarize(records.read_rows(path))
@@ -125,7 +165,7 @@ def e10_pairs(all_runs):
             if a and b and "clopper-pearson" in a["tsv"] and "clopper-pearson" in b["tsv"]:
                 pairs += [a["tsv"]["clopper-pearson"], b["tsv"]["clopper-pearson"]]
         if pairs:
-            out[sigma] = records.compare(pairs)
+            out[sigma] = compared(pairs)
     return out
 
 
@@ -193,7 +233,7 @@ def softrs(all_runs):
         hard = r["tsv"].get("clopper-pearson")
         for bound in ("bernstein", "hoeffding"):
             if hard and bound in r["tsv"]:
-                (p,) = records.compare([hard, r["tsv"][bound]])["pairs"]
+                (p,) = compared([hard, r["tsv"][bound]], notes_allowed=True)["pairs"]
                 soft_rows = records.read_rows(r["tsv"][bound])
                 smaller = sum(
                     s["radius"] < h["radius"]
@@ -222,6 +262,7 @@ def at_cap(all_runs):
     allow, the share wrong or abstained (radius 0), and the quartiles of the certified p_A lower
     bound, Phi(R / sigma) on the correct, certified rows."""
     rows = []
+    consistent([r["tsv"]["clopper-pearson"] for r in all_runs if "clopper-pearson" in r["tsv"]])
     for r in sorted(all_runs, key=lambda r: (r["sigma"], r["method"], r["k"], r["seed"])):
         path = r["tsv"].get("clopper-pearson")
         if not path:
@@ -260,7 +301,7 @@ def k_ablation(all_runs):
             row = [k, s["n"], f"{s['acr']:.3f}", f"{s['acr']:.3f}", "-"]
         else:
             pair = [base["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]]
-            (p,) = records.compare(pair)["pairs"]
+            (p,) = compared(pair)["pairs"]
             row = [k, p["n"], f"{p['acr_b']:.3f}", f"{p['acr_a']:.3f}", fmt_ci(p["diff"], p["ci"])]
         rows.append(row + [acc, r["precision"], r["machine"]])
     head = ["k", "images", "ACR", "k = 16's ACR on them", "k - (k = 16), 95%"]
@@ -342,9 +383,12 @@ def quick_run():
     folder = os.path.join(HERE, "quick")
     ckpt = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
     tsv = os.path.join(folder, "certify.tsv")
+    with open(os.path.join(folder, "checkpoint.pt"), "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    settings = records.read_settings(tsv)
+    verified(tsv, sha256, ckpt["config"], "clopper-pearson", settings["n"])
     got = records.read_rows(tsv)
     s = certify.summarize(got)
-    settings = records.read_settings(tsv)
     with open(os.path.join(folder, "log.txt")) as f:
         wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", f.read())
     acc = " / ".join(f"{s['cert_acc'][g]:.3f}" for g in (0.0, 0.25, 0.5))
