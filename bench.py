@@ -13,6 +13,8 @@ cancels (5a and 5b: one timing); each figure is a median. Each row decides somet
    CIFAR-size inputs at n = 100,000: whether they meet the paper's scale.
 6. CPU only: certification at n = 100,000, two one-thread processes side by side / one: whether
    results/reproduce.sh runs two pipelines at once.
+7. With --compile: torch.compile'd / eager, training and certification (LeNet on a CPU, ResNet-110
+   on a GPU), in fp32 (a, c) and bf16 (b, d): whether --compile pays, its compile time included.
 
 Rows keep their numbers (ROWS) so that every JSON file's rows line up; results/tables.py shows
 only the rows in ROWS.
@@ -40,7 +42,21 @@ import records
 import train
 from macer import macer_loss, noisy_copies
 
-ROWS = ("1", "2", "3b", "3d", "3e", "5a", "5b", "6a", "6b")  # results/tables.py shows only these
+ROWS = (
+    "1",
+    "2",
+    "3b",
+    "3d",
+    "3e",
+    "5a",
+    "5b",
+    "6a",
+    "6b",
+    "7a",
+    "7b",
+    "7c",
+    "7d",
+)  # results/tables.py shows only these
 SIGMA, N, K = 0.25, 64, 16  # noise level; inputs per step; Gaussian copies per input
 RECIPE = train.recipe("fashion-mnist", SIGMA, "macer")  # its loss settings and SGD, as train.py's
 LBD, GAMMA, BETA = RECIPE.lbd, RECIPE.gamma, RECIPE.beta
@@ -203,9 +219,8 @@ def epoch_time(device, arch, steps, repeats, compile):
     torch.backends.cudnn.benchmark = True
 
     def epoch():
-        batches = data.batches(images, N, 0, 0, True, device)
-        stats = train.train_one_epoch(net, opt, batches, K, SIGMA, LBD, GAMMA, BETA)
-        sum(itertools.islice(stats, steps)).tolist()
+        batches = itertools.islice(data.batches(images, N, 0, 0, True, device), steps)
+        train.train_one_epoch(net, opt, batches, K, SIGMA, LBD, GAMMA, BETA)
 
     epoch()  # the warm-up, which autotunes cuDNN
     seconds = statistics.median(clock(epoch, device) for _ in range(repeats))
@@ -261,6 +276,51 @@ def processes(n, inputs):
     return [six_a, row(name, max(seconds_1, seconds_2), seconds, "s", "-", note)]
 
 
+# ---------------------------------------------------------------- 7. torch.compile
+def compiled(device, arch, images, n, repeats):
+    """7a-7d: torch.compile'd / eager, in fp32 and bf16: (a, b) seconds to train on `images`
+    CIFAR- or MNIST-size images (train.py's path), (c, d) seconds to certify one input at n
+    (certify.py's path, its default batch). A is the compiled model's time once compiled; the note
+    gives the compile time (the first call's extra seconds) and the images it takes to repay it."""
+    dataset = "fashion-mnist" if arch == "lenet" else "cifar10"
+    shape = data.DATASETS[dataset].shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (images, *shape), dtype=torch.uint8, generator=g).to(device)
+    images_set = data.TensorImages(x, torch.randint(0, 10, (images,), generator=g).to(device))
+    torch.manual_seed(0)
+    model = models.get_model(dataset, arch=arch).to(device)
+    opt = train.sgd(model, RECIPE)  # both paths train the same weights: only the speed matters
+    batch = models.default_batch(arch, device)
+
+    def fit(net):
+        batches = data.batches(images_set, N, 0, 0, False, device)
+        train.train_one_epoch(net, opt, batches, K, SIGMA, LBD, GAMMA, BETA)
+
+    def cert(net):
+        with torch.inference_mode():
+            smooth = certify.Smooth(net.eval(), 10, SIGMA, device=device)
+            smooth.certify(torch.rand(shape, device=device), N0, n, ALPHA, batch)
+        net.train()
+
+    out = []
+    for precision in ("fp32", "bf16"):
+        fast = models.fast_path(torch.compile(model), precision)
+        eager = models.fast_path(model, precision)
+        for work, per, letters in ((fit, images, "ab"), (cert, 1, "cd")):
+            first = clock(lambda w=work, f=fast: w(f), device)  # compiles
+            runs = (lambda w=work, f=fast: w(f)), (lambda w=work, e=eager: w(e))
+            t_fast, t_eager = alternate(*runs, device, repeats)
+            compile_s, saved = first - t_fast, (t_eager - t_fast) / per  # saved: s per image
+            repays = (
+                f"repays after {compile_s / saved:,.0f} images" if saved > 0 else "never repays"
+            )
+            what = f"training {images:,} images" if per > 1 else f"certify n={n:,}"
+            name = f"7{letters[precision == 'bf16']}. {arch} {what}, {precision}: compiled / eager"
+            note = f"compile {compile_s:.0f} s, {repays}"
+            out.append(row(name, t_fast, t_eager, "s", "< 1.0x", note))
+    return out
+
+
 # ---------------------------------------------------------------- the run
 def main():
     formatter = argparse.RawDescriptionHelpFormatter
@@ -271,7 +331,9 @@ def main():
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
-        "--compile", action="store_true", help="torch.compile the models trained in 1 and 5a"
+        "--compile",
+        action="store_true",
+        help="torch.compile the models trained in 1 and 5a, and measure section 7",
     )
     a = p.parse_args()
     device = torch.device(a.device)
@@ -306,6 +368,9 @@ def main():
         rows.append(certify_time(device, "resnet110", 100_000, 3))
     else:
         rows += processes(100_000, 2 if a.quick else 5)
+    if a.compile:
+        arch = "resnet110" if cuda else "lenet"
+        rows += compiled(device, arch, 6400 if cuda else 640, 100_000 if cuda else 4000, repeats)
     if a.json:
         data.atomic_write(a.json, json.dumps(dict(info, rows=rows), indent=1))
         print(f"wrote {a.json}")

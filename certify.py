@@ -299,8 +299,9 @@ def parse_args(argv):
     add("--out", help="results TSV (default: beside the checkpoint)")
     add("--overwrite", action="store_true", help="start --out afresh if it cannot be continued")
     add("--plot", action="store_true", help="also draw --out's radius-accuracy curve as OUT.png")
-    add("--fp32", action="store_true", help="fp32, even where bf16 measures faster")
-    add("--bf16", action="store_true", help="bf16, even where it measures slower")
+    add("--fp32", action="store_true", help="fp32 (default: on a CPU)")
+    add("--bf16", action="store_true", help="bf16 autocast (default: on a GPU that has it)")
+    add("--compile", action="store_true", help="torch.compile the network (bench.py, row 7)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add("--seed", type=int, default=0, help="noise seed: input i's noise depends on (seed, i) only")
     a = p.parse_args(argv)
@@ -390,7 +391,8 @@ def run(a):
         precision = models.from_rank0(
             models.pick_precision(*args)
         )  # every process certifies in rank 0's
-        model = models.fast_path(model.to(device).eval(), precision)
+        model = model.to(device).eval()
+        model = models.fast_path(torch.compile(model) if a.compile else model, precision)
         smooth = Smooth(model, facts.classes, sigma, beta, device=device)
         # The record of this run: what its rows mean (records.MEANING), how the noise was drawn
         # (records.DRAW), and, to inform only, the machine where the file began.
@@ -399,7 +401,7 @@ def run(a):
         settings.update({k: getattr(a, k) for k in ("n0", "n", "alpha", "bound", "seed")})
         settings.update(beta=beta if a.bound != "clopper-pearson" else None, precision=precision)
         settings.update(noise=records.NOISE, batch=batch, noise_device=device.type)
-        settings["machine"] = models.device_name(device)
+        settings.update(machine=models.device_name(device), compile=a.compile)  # to inform
         if rank == 0:
             print(
                 f"certifying {len(indices)} {cfg['dataset']} test images: {cfg['arch']}, sigma "

@@ -17,22 +17,24 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from scipy.stats import beta as beta_dist
-from scipy.stats import binom, kstest, norm
+from scipy.stats import binom, binomtest, kstest, norm
 
 import certify
 import models
 import train
 from certify import Smooth
+from conftest import DEVICES
 from macer import macer_loss, noisy_copies
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ================================================================ Algorithm 1 and Eq. 17 (macer.py)
-def test_noisy_copies_layout_groups_the_copies_of_one_input():
+@pytest.mark.parametrize("device", DEVICES)
+def test_noisy_copies_layout_groups_the_copies_of_one_input(device):
     """Line 4: the k copies of x_i sit in rows i*k .. i*k+k-1, x_i + sigma * eta_ij."""
-    x = torch.arange(3.0).view(3, 1, 1, 1)  # (n, C, H, W)
-    noise = torch.randn(3, 4, 1, 1, 1)  # (n, k, C, H, W)
+    x = torch.arange(3.0, device=device).view(3, 1, 1, 1)  # (n, C, H, W)
+    noise = torch.randn(3, 4, 1, 1, 1, device=device)  # (n, k, C, H, W)
     copies = noisy_copies(x, 4, 0.5, noise)
     assert copies.shape == (12, 1, 1, 1)
     torch.testing.assert_close(copies.view(3, 4), x.view(3, 1) + 0.5 * noise.view(3, 4))
@@ -55,13 +57,16 @@ def assert_iid_normal(eta, sigma):
     assert cos <= math.sqrt(2 * math.log(m * m / 1e-7) / D)
 
 
-def test_noisy_copies_are_iid_gaussian_around_each_input():
+@pytest.mark.parametrize("device", DEVICES)
+def test_noisy_copies_are_iid_gaussian_around_each_input(device):
     """Line 4: x_ij - x_i ~ N(0, sigma^2 I), independent across the copies j and the inputs i
     (assert_iid_normal). Catches uniform noise, noise scaled by sigma twice, copies that share
     their noise, and copies placed around the wrong input."""
     n, k, sigma = 8, 8, 0.37
-    x = torch.rand(n, 3, 16, 16)
+    x = torch.rand(n, 3, 16, 16, device=device)
     eta = noisy_copies(x, k, sigma).view(n, k, -1) - x.view(n, 1, -1)  # (n*k, C, H, W) -> (n, k, D)
+    assert eta.device.type == device  # drawn where x lives
+    eta = eta.cpu()
     assert eta.shape == (n, k, 3 * 16 * 16)
     assert_iid_normal(eta.view(n * k, -1), sigma)  # (n, k, D) -> (n*k, D)
 
@@ -93,6 +98,7 @@ def naive_eq17(logits, y, sigma, lbd, gamma, beta):
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @FAST
 @given(
     n=st.integers(1, 10),
@@ -105,14 +111,16 @@ def naive_eq17(logits, y, sigma, lbd, gamma, beta):
     beta=st.floats(0.5, 20),
     seed=st.integers(0, 2**31),
 )
-def test_macer_loss_equals_naive_per_input_loop(n, k, K, scale, sigma, lbd, gamma, beta, seed):
+def test_macer_loss_equals_naive_per_input_loop(
+    device, n, k, K, scale, sigma, lbd, gamma, beta, seed
+):
     """Catches: a hinge not clipped at gamma, division by |G|, beta in the classification term,
     the mean of logits instead of the mean of softmaxes (k > 1 in nearly every example)."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, k, K, generator=g, dtype=torch.float64) * scale
     y = torch.randint(0, K, (n,), generator=g)
     y[: n // 2] = (beta * logits[: n // 2]).softmax(-1).mean(1).argmax(-1)  # half of them in G
-    got = macer_loss(logits, y, sigma, lbd, gamma, beta)
+    got = macer_loss(logits.to(device), y.to(device), sigma, lbd, gamma, beta)
     want = naive_eq17(logits.numpy(), y.numpy(), sigma, lbd, gamma, beta)
     for a, b in zip(got, want, strict=True):
         assert a.item() == pytest.approx(b, rel=1e-9, abs=1e-9)
@@ -127,16 +135,18 @@ def test_a_tie_for_the_top_counts_as_in_G():
     assert loss_rob.item() == pytest.approx(2.0 * 0.5 / 2 * 3.0)
 
 
-def test_macer_loss_gradient_equals_finite_differences():
+@pytest.mark.parametrize("device", DEVICES)
+def test_macer_loss_gradient_equals_finite_differences(device):
     """torch.autograd.gradcheck in float64, inside the hinge region and away from its kinks."""
     torch.manual_seed(0)
-    logits = (torch.randn(4, 3, 5, dtype=torch.float64) * 0.3).requires_grad_()
+    logits = (torch.randn(4, 3, 5, dtype=torch.float64) * 0.3).to(device).requires_grad_()
     y = (2 * logits.detach()).softmax(-1).mean(1).argmax(-1)
     y[0] = (y[0] + 1) % 5  # one input outside G
     assert torch.autograd.gradcheck(lambda u: macer_loss(u, y, 0.25, 12.0, 8.0, 2.0)[0], (logits,))
     assert macer_loss(logits, y, 0.25, 12.0, 8.0, 2.0)[2] > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @FAST
 @given(
     K=st.integers(2, 20),
@@ -146,7 +156,9 @@ def test_macer_loss_gradient_equals_finite_differences():
     k=st.integers(1, 8),
     seed=st.integers(0, 2**31),
 )
-def test_float32_agrees_with_float64_wherever_float64_is_finite(K, margin, gamma, beta, k, seed):
+def test_float32_agrees_with_float64_wherever_float64_is_finite(
+    device, K, margin, gamma, beta, k, seed
+):
     """Up to gamma = 16, beyond where float32's z_y rounds to 1.0 (xi_hat about 10.6-11.5): with
     PhiInv(z_y) computed as -PhiInv(1 - z_y), 1 - z_y summed from the other classes, float32 keeps
     every input of the hinge region. Catches PhiInv(z_y) computed directly."""
@@ -155,7 +167,7 @@ def test_float32_agrees_with_float64_wherever_float64_is_finite(K, margin, gamma
     logits[:, :, 0] += torch.tensor([margin, margin / 2, 2 * margin], dtype=torch.float64).view(
         3, 1
     )
-    y = torch.zeros(3, dtype=torch.long)
+    logits, y = logits.to(device), torch.zeros(3, dtype=torch.long, device=device)
     want = macer_loss(logits, y, 0.5, 16.0, gamma, beta)[2].item()
     got = macer_loss(logits.float(), y, 0.5, 16.0, gamma, beta)[2].item()
     assert math.isfinite(want) and got == pytest.approx(want, rel=1e-3, abs=1e-3)
@@ -178,7 +190,8 @@ def test_float32_complement_keeps_the_digits_of_a_z_y_near_one():
     assert got == pytest.approx(want, rel=1e-5)
 
 
-def test_hinge_gradient_is_exactly_zero_outside_G_or_beyond_gamma():
+@pytest.mark.parametrize("device", DEVICES)
+def test_hinge_gradient_is_exactly_zero_outside_G_or_beyond_gamma(device):
     torch.manual_seed(1)
     n, k, K, beta, gamma = 60, 4, 10, 16.0, 2.0
     logits = torch.randn(n, k, K, dtype=torch.float64) * torch.logspace(
@@ -188,7 +201,8 @@ def test_hinge_gradient_is_exactly_zero_outside_G_or_beyond_gamma():
     z_hat = (beta * logits.detach()).softmax(-1).mean(1)  # (n, K)
     y = z_hat.argmax(-1)
     y[::3] = (y[::3] + 1) % K  # every third input leaves G
-    (grad,) = torch.autograd.grad(macer_loss(logits, y, 0.25, 1.0, gamma, beta)[2], logits)
+    u = logits.to(device)
+    (grad,) = torch.autograd.grad(macer_loss(u, y.to(device), 0.25, 1.0, gamma, beta)[2], logits)
     top2 = z_hat.topk(2).values
     xi = torch.tensor(norm.ppf(top2[:, 0].numpy()) - norm.ppf(top2[:, 1].numpy()))
     in_G = z_hat.argmax(-1) == y
@@ -230,6 +244,7 @@ def test_finite_logits_with_finite_gaps_give_a_finite_loss_and_gradient():
             assert math.isfinite(loss.item()) and torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 8),
@@ -242,7 +257,7 @@ def test_finite_logits_with_finite_gaps_give_a_finite_loss_and_gradient():
     seed=st.integers(0, 2**31),
 )
 def test_macer_loss_value_and_gradient_finite_for_extreme_logits(
-    n, k, K, scale, beta, dtype, in_G, seed
+    device, n, k, K, scale, beta, dtype, in_G, seed
 ):
     """No NaN or inf, in value or gradient, for any finite logits (|u| up to 1e4, beta up to 64)."""
     g = torch.Generator().manual_seed(seed)
@@ -252,13 +267,15 @@ def test_macer_loss_value_and_gradient_finite_for_extreme_logits(
         if in_G
         else torch.randint(0, K, (n,), generator=g)
     )
-    loss, loss_cls, loss_rob = macer_loss(logits, y, sigma=0.5, lbd=16.0, gamma=8.0, beta=beta)
+    u, y = logits.to(device), y.to(device)
+    loss, loss_cls, loss_rob = macer_loss(u, y, sigma=0.5, lbd=16.0, gamma=8.0, beta=beta)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(loss_cls) and torch.isfinite(loss_rob)
     assert torch.isfinite(logits.grad).all()
 
 
-def test_loss_under_bf16_autocast_is_computed_in_float32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_under_bf16_autocast_is_computed_in_float32(device):
     """bf16 logits give the float64 loss on the same values to float32 precision (a bf16 loss
     would be off by about 1e-2); and under bf16 autocast the network's logits are float32
     (models.LogitLinear), its last layer applied in float32 to the bf16 network's features."""
@@ -267,17 +284,17 @@ def test_loss_under_bf16_autocast_is_computed_in_float32():
         torch.bfloat16
     )  # (n, k, K), spread so that both terms matter
     y = (4 * logits.float()).softmax(-1).mean(1).argmax(-1)  # all in G
-    with torch.autocast("cpu", torch.bfloat16):
-        got = macer_loss(logits, y, 0.25, 12.0, 8.0, 4.0)
+    with torch.autocast(device, torch.bfloat16):
+        got = macer_loss(logits.to(device), y.to(device), 0.25, 12.0, 8.0, 4.0)
     assert got[0].dtype == torch.float32 and got[2] > 0
     want = macer_loss(logits.double(), y, 0.25, 12.0, 8.0, 4.0)
     for a, b in zip(got, want, strict=True):
         assert a.item() == pytest.approx(b.item(), rel=1e-4, abs=1e-6)
-    net = models.get_model("fashion-mnist")
-    x = torch.rand(16, 1, 28, 28)
+    net = models.get_model("fashion-mnist").to(device)
+    x = torch.rand(16, 1, 28, 28, device=device)
     features = {}
     net.fc2.register_forward_hook(lambda m, inputs, out: features.update(x=inputs[0]))
-    with torch.autocast("cpu", torch.bfloat16):
+    with torch.autocast(device, torch.bfloat16):
         u = net(x)
     assert features["x"].dtype == torch.bfloat16 and u.dtype == torch.float32
     torch.testing.assert_close(
@@ -285,14 +302,15 @@ def test_loss_under_bf16_autocast_is_computed_in_float32():
     )
 
 
-def test_the_hinge_is_exact_up_to_gamma_25_in_float32_and_never_nan_beyond():
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_hinge_is_exact_up_to_gamma_25_in_float32_and_never_nan_beyond(device):
     """K = 2, gaps d from 4 to 7 (beta = 16: runner-up probabilities 1.6e-28 to 1.5e-49, through
     float32's smallest normal number 1.2e-38). At gamma = 25 float32's loss and gradient equal
     float64's; at gamma = 30, where float64 still has a hinge, the gradient is finite (a
     subnormal probability would make PhiInv' infinite and the gradient NaN)."""
-    d = torch.linspace(4, 7, 61)
+    d = torch.linspace(4, 7, 61, device=device)
     u = torch.stack([d, torch.zeros_like(d)], 1)[:, None, :]  # (n, 1, 2)
-    y = torch.zeros(len(d), dtype=torch.long)
+    y = torch.zeros(len(d), dtype=torch.long, device=device)
     for gamma in (25.0, 30.0):
         got = {}
         for dtype in (torch.float32, torch.float64):
@@ -338,6 +356,7 @@ def test_macer_loss_rejects_bad_arguments_and_takes_an_empty_batch():
 
 
 # ================================================================ Cohen et al. as k = 1, lambda = 0
+@pytest.mark.parametrize("device", DEVICES)
 @FAST
 @given(
     n=st.integers(1, 16),
@@ -345,7 +364,7 @@ def test_macer_loss_rejects_bad_arguments_and_takes_an_empty_batch():
     sigma=st.floats(0.05, 1.0),
     seed=st.integers(0, 2**31),
 )
-def test_cohen_is_the_special_case_k1_lambda0(n, K, sigma, seed):
+def test_cohen_is_the_special_case_k1_lambda0(device, n, K, sigma, seed):
     """k = 1, lambda = 0, end to end: macer_loss on a model's logits for noisy_copies(x, 1, sigma)
     equals F.cross_entropy on the same noisy batch, in value and in the gradient with respect to
     the model's parameters. Catches beta applied to the classification term. (At k = 1 the mean
@@ -354,9 +373,11 @@ def test_cohen_is_the_special_case_k1_lambda0(n, K, sigma, seed):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, K)).double()
-    x = torch.rand(n, 3, 2, 2, generator=g, dtype=torch.float64)
-    y = torch.randint(0, K, (n,), generator=g)
+    model = model.to(device)
+    x = torch.rand(n, 3, 2, 2, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, K, (n,), generator=g).to(device)
     noise = torch.randn(n, 1, 3, 2, 2, generator=g, dtype=torch.float64)  # (n, k=1, C, H, W)
+    noise = noise.to(device)
     loss = macer_loss(
         model(noisy_copies(x, 1, sigma, noise)).view(n, 1, K),
         y,
@@ -415,7 +436,8 @@ def test_footnote5_refuses_milestones_it_would_read_in_another_order():
         train.check_config(dataclasses.replace(cfg, milestones=[]))
 
 
-def test_one_step_of_train_one_epoch_is_algorithm_1_written_out():
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_step_of_train_one_epoch_is_algorithm_1_written_out(device):
     """Algorithm 1, lines 3-9, once: train_one_epoch's step against the step written out input by
     input (noise eta_ij drawn as (n, k, C, H, W), x_i + sigma * eta_ij, z_hat_i from its own k
     copies, Eq. 17, SGD), from the same initialisation and the same noise, in float64: the
@@ -424,8 +446,10 @@ def test_one_step_of_train_one_epoch_is_algorithm_1_written_out():
     n, k, K, sigma, lbd, gamma, beta = 6, 4, 5, 0.5, 3.0, 8.0, 2.0
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, K)).double()
+    model = model.to(device)
     reference = copy.deepcopy(model)
-    x, y = torch.rand(n, 1, 6, 6, dtype=torch.float64), torch.randint(0, K, (n,))
+    x = torch.rand(n, 1, 6, 6, dtype=torch.float64, device=device)
+    y = torch.randint(0, K, (n,), device=device)
     sgd = dict(lr=0.5, momentum=0.9, weight_decay=5e-4)
     before = copy.deepcopy(model)
     torch.manual_seed(7)
@@ -434,7 +458,7 @@ def test_one_step_of_train_one_epoch_is_algorithm_1_written_out():
     train.train_one_epoch(model, opt, [(x, y)], k, sigma, lbd, gamma, beta, log=steps.append)
 
     torch.manual_seed(7)
-    eta = torch.randn(n, k, 1, 6, 6, dtype=torch.float64)  # line 4: eta_ij ~ N(0, I)
+    eta = torch.randn(n, k, 1, 6, 6, dtype=torch.float64, device=device)  # line 4: N(0, I)
     loss = 0.0
     for i in range(n):
         u = reference(x[i] + sigma * eta[i])  # (k, K): the logits of input i's k copies
@@ -639,6 +663,7 @@ def test_proposition1_bounded_gradient_of_clipped_xi(K, log_w, gamma, seed):
     assert g[0] <= B_1 * (1 + 1e-9) and -g[1] <= B_2 * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @FAST
 @given(
     n=st.integers(1, 8),
@@ -658,7 +683,7 @@ def test_proposition1_bounded_gradient_of_clipped_xi(K, log_w, gamma, seed):
     n=1, k=1, K=2, scale=1e-4, margin=0.0, beta=16.0, gamma=0.5, dtype=torch.float64, seed=0
 )  # near a tie: 0.88 of the bound; beta twice: 14x
 def test_proposition1_bounds_the_hinge_gradient_in_the_logits(
-    n, k, K, scale, margin, beta, gamma, dtype, seed
+    device, n, k, K, scale, margin, beta, gamma, dtype, seed
 ):
     """What training relies on: through z_hat = (1/k) sum_j softmax(beta u_j), the gradient of input
     i's hinge in the logits of its copy j is bounded, |d hinge_i / d u_ij|_1 <= beta/(2k) (B_1 +
@@ -671,7 +696,7 @@ def test_proposition1_bounds_the_hinge_gradient_in_the_logits(
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, k, K, generator=g, dtype=torch.float64) * scale
     logits[:, :, 0] += margin
-    logits = logits.to(dtype).requires_grad_()
+    logits = logits.to(device, dtype).requires_grad_()
     y = (beta * logits.detach()).softmax(-1).mean(1).argmax(-1)  # all in G
     loss_rob = macer_loss(logits, y, sigma=1.0, lbd=2.0, gamma=gamma, beta=beta)[
         2
@@ -694,6 +719,38 @@ def test_clopper_pearson_lower_bound_is_the_exact_binomial_tail(n, frac, alpha):
         assert p_low == 0.0
     else:
         assert binom.sf(n_A - 1, n, p_low) == pytest.approx(alpha, rel=1e-5)
+
+
+def lower_bounds(bound, n, alpha):
+    """The lower bound on p that `bound` gives for each count k = 0..n of n Bernoulli samples (for
+    Soft-RS: z in {0, 1}, whose mean is k / n and Eq. 25's variance k (n - k) / (n (n - 1)))."""
+    if bound == "clopper-pearson":
+        return np.array([certify.clopper_pearson_lower(k, n, alpha) for k in range(n + 1)])
+    if bound == "hoeffding":
+        return np.array([certify.hoeffding_lower(k / n, n, alpha) for k in range(n + 1)])
+    S2 = [certify.sample_variance(k, k, n) for k in range(n + 1)]  # z^2 = z: A_2 = A_1 = k
+    return np.array([certify.bernstein_lower(k / n, S2[k], n, alpha) for k in range(n + 1)])
+
+
+@pytest.mark.parametrize("bound", certify.BOUNDS)
+def test_each_bound_fails_with_probability_at_most_alpha_computed_exactly(bound):
+    """The guarantee of each bound, computed rather than sampled: for n Bernoulli(p) samples,
+    P(lower bound > p) is the binomial probability of the counts k whose bound exceeds p. It is at
+    most alpha at every p of a grid and just below each count's bound, where it jumps up.
+    Clopper-Pearson's reaches 0.99 alpha there: it is exact, not needlessly loose. Catches a bound
+    that is too high: Clopper-Pearson at 2 alpha, Hoeffding's deviation halved, Bernstein's last
+    term at 1/7 of Eq. 26's (Bernstein on Bernoulli samples is loose enough to survive smaller
+    slips, which test_eq25_sample_variance_and_eq23_eq26_bounds catches by the formula)."""
+    worst = 0.0
+    for n in (1, 2, 5, 10, 37, 100, 1000)[bound == "bernstein" :]:  # Eq. 25 needs n >= 2
+        for alpha in (0.001, 0.05, 0.3):
+            low = lower_bounds(bound, n, alpha)
+            ps = np.concatenate([np.linspace(0.001, 0.999, 999), low[low > 0] - 1e-9])
+            for p in ps[(ps > 0) & (ps < 1)]:
+                fails = binom.pmf(np.arange(n + 1), n, p)[low > p].sum()
+                assert fails <= alpha * (1 + 1e-6) + 1e-12, (n, alpha, p, fails)
+                worst = max(worst, fails / alpha)
+    assert worst >= 0.99 if bound == "clopper-pearson" else worst > 0
 
 
 @settings(max_examples=30, deadline=None)
@@ -731,8 +788,9 @@ class Linear2(nn.Module):
         return torch.stack([torch.zeros_like(t), t], dim=1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bound", certify.BOUNDS)
-def test_certify_equals_cohens_steps_written_out(bound):
+def test_certify_equals_cohens_steps_written_out(bound, device):
     """CERTIFY against a naive rewrite on the same noise: selection from n0 samples, then the bound
     from n fresh ones, counted and averaged in numpy (S^2 by numpy's var(ddof=1))."""
     model, sigma, beta, n0, n, alpha, bs = (
@@ -744,18 +802,17 @@ def test_certify_equals_cohens_steps_written_out(bound):
         0.01,
         700,
     )
-    x = torch.tensor([0.1, 0.05], dtype=torch.float64)
+    x = torch.tensor([0.1, 0.05], dtype=torch.float64, device=device)
+    model = model.to(device)
     c_A, R = Smooth(model, 2, sigma, beta).certify(
-        x, n0, n, alpha, bs, bound, torch.Generator().manual_seed(5)
+        x, n0, n, alpha, bs, bound, torch.Generator(device).manual_seed(5)
     )
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator(device).manual_seed(5)
+    like = dict(dtype=torch.float64, device=device, generator=g)
     draw = lambda num: torch.cat(
-        [
-            x + sigma * torch.randn(min(bs, num - s), 2, dtype=torch.float64, generator=g)
-            for s in range(0, num, bs)
-        ]
+        [x + sigma * torch.randn(min(bs, num - s), 2, **like) for s in range(0, num, bs)]
     )  # (num, 2), in certify's batches
-    u0, u = model(draw(n0)).numpy(), model(draw(n)).numpy()
+    u0, u = model(draw(n0)).cpu().numpy(), model(draw(n)).cpu().numpy()
     if bound == "clopper-pearson":
         want_c = np.bincount(u0.argmax(1), minlength=2).argmax()
         n_A = int((u.argmax(1) == want_c).sum())
@@ -785,18 +842,19 @@ class Recorder(nn.Module):
         self.seen = []
 
     def forward(self, batch):
-        self.seen.append(batch.detach().clone())
-        return torch.zeros(len(batch), 2, dtype=batch.dtype)
+        self.seen.append(batch.detach().cpu())
+        return torch.zeros(len(batch), 2, dtype=batch.dtype, device=batch.device)
 
 
-def test_smooth_noise_is_iid_gaussian_within_and_across_inputs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_smooth_noise_is_iid_gaussian_within_and_across_inputs(device):
     """SAMPLEUNDERNOISE: the samples are x + eta, eta ~ N(0, sigma^2 I), independent within a
     batch, across batches and across inputs (assert_iid_normal). Catches noise of another law or
     scale, noise shared across samples or inputs."""
     recorder, sigma = Recorder(), 0.6
     xs = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     for x in xs:
-        Smooth(recorder, 2, sigma).predict(x, 64, 0.001, 16)
+        Smooth(recorder, 2, sigma, device=device).predict(x, 64, 0.001, 16)
     eta = [
         b - x
         for x, batches in zip(xs, (recorder.seen[:4], recorder.seen[4:]), strict=True)
@@ -806,11 +864,12 @@ def test_smooth_noise_is_iid_gaussian_within_and_across_inputs():
     assert_iid_normal(torch.cat(eta).flatten(1), sigma)  # 8 x (16, C, H, W) -> (128, D)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=12, deadline=None)
 @given(
     ratio=st.floats(0.8, 2.5), sigma=st.sampled_from([0.25, 0.5, 1.0]), seed=st.integers(0, 2**31)
 )
-def test_certify_finds_the_distance_to_a_half_space(ratio, sigma, seed):
+def test_certify_finds_the_distance_to_a_half_space(device, ratio, sigma, seed):
     """Cohen's linear case: f(x) = 1[w.x + b > 0] at distance d from the hyperplane has
     p_A = Phi(d / sigma), so its exact radius is d. CERTIFY on sampled counts (n = 100,000) gives
     sigma * PhiInv(CP_low(n_A)) with n_A ~ Bin(n, p_A), which lies between the radii of n_A's
@@ -822,8 +881,9 @@ def test_certify_finds_the_distance_to_a_half_space(ratio, sigma, seed):
     n, alpha, d = 100_000, 0.001, ratio * sigma
     w = torch.tensor([0.6, -0.8, 0.0], dtype=torch.float64)  # |w| = 1
     x = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
-    smooth = Smooth(Linear2(w, d - float(x @ w)), 2, sigma)
-    c_A, R = smooth.certify(x, 100, n, alpha, n, generator=torch.Generator().manual_seed(seed))
+    smooth = Smooth(Linear2(w, d - float(x @ w)).to(device), 2, sigma)
+    g = torch.Generator(device).manual_seed(seed)
+    c_A, R = smooth.certify(x, 100, n, alpha, n, generator=g)
     p_A = norm.cdf(d / sigma)
     R_lo, R_hi = (
         sigma * norm.ppf(certify.clopper_pearson_lower(int(binom.ppf(q, n, p_A)), n, alpha))
@@ -845,9 +905,10 @@ def soft_z_A_exact(margin_w, norm_w, sigma, beta_s):
 LINEAR = dict(w=[0.6, -0.8, 0.0], x=torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64), sigma=0.5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("where", ["inside", "boundary"])
 @pytest.mark.parametrize("bound", certify.BOUNDS)
-def test_certificate_exceeds_the_truth_at_most_alpha_of_the_time(bound, where):
+def test_certificate_exceeds_the_truth_at_most_alpha_of_the_time(bound, where, device):
     """Soundness (Theorem 1 with Clopper-Pearson; Eq. 20 with Eq. 23 or Eq. 26): over 2,000
     repeats at n = 100 and alpha = 0.1, CERTIFY overclaims in at most an alpha fraction of runs, up
     to binomial slack. The truth is a closed form: for Hard-RS the radius is the margin (p_A =
@@ -868,11 +929,11 @@ def test_certificate_exceeds_the_truth_at_most_alpha_of_the_time(bound, where):
     scale, beta = (
         (5.0, 4.0) if soft else (1.0, 1.0)
     )  # z = sigmoid(20 t): near 0/1, so high variance
-    smooth = Smooth(Linear2(w, b, scale), 2, sigma, beta=beta)
+    smooth = Smooth(Linear2(w, b, scale).to(device), 2, sigma, beta=beta)
     true_R = sigma * norm.ppf(soft_z_A_exact(margin, 1.0, sigma, beta * scale)) if soft else margin
     if not soft:  # the closed form itself, against sampling
         assert norm.cdf(margin / sigma) == pytest.approx(
-            smooth._counts(x, 200_000, 200_000, None)[1].item() / 200_000, abs=0.005
+            smooth._counts(x.to(device), 200_000, 200_000, None)[1].item() / 200_000, abs=0.005
         )
     results = [smooth.certify(x, 20, n, alpha, n, bound) for _ in range(repeats)]
     over = sum(c != Smooth.ABSTAIN and (R > true_R + 1e-12 or c != 1) for c, R in results)
@@ -895,6 +956,52 @@ def test_predict_at_the_decision_boundary_abstains_except_with_probability_alpha
     assert smooth.predict(torch.tensor([2.0, 0.0], dtype=torch.float64), 100, alpha, 100) == 1
 
 
+class Votes(nn.Module):
+    """Votes for class counts[0] times 0, then counts[1] times 1, ...: the counts of one PREDICT
+    call, whatever the noise (a fixed function of the call's sample index)."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.classes = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        self.seen = 0
+
+    def forward(self, x):
+        votes = self.classes[self.seen : self.seen + len(x)].to(x.device)
+        self.seen += len(x)
+        return F.one_hot(votes, 3).to(x.dtype)
+
+
+def test_predict_is_the_two_sided_binomial_test_of_the_top_two_counts():
+    """PREDICT against its definition, on counts where the alternatives decide otherwise: it
+    returns the top class iff the two-sided binomial test of n_A against n_A + n_B (the top two
+    counts; a third class's votes count for neither) rejects p = 1/2 at level alpha, else
+    ABSTAIN, wherever the top class stands. Among the cases, some would flip under a one-sided
+    test, some under a test against all n samples, and some at level alpha / 2."""
+    alpha = 0.05
+    decide = {
+        "definition": lambda a, b, c: binomtest(a, a + b, 0.5).pvalue <= alpha,
+        "one-sided": lambda a, b, c: binomtest(a, a + b, 0.5, "greater").pvalue <= alpha,
+        "all n": lambda a, b, c: binomtest(a, a + b + c, 0.5).pvalue <= alpha,
+        "alpha / 2": lambda a, b, c: binomtest(a, a + b, 0.5).pvalue <= alpha / 2,
+    }
+    cases, flips = [], set()
+    for a in range(1, 30):
+        for b in range(0, a + 1):
+            for c in {0, b // 2, b}:
+                want = decide["definition"](a, b, c)
+                other = {k for k, f in decide.items() if f(a, b, c) != want}
+                if other:
+                    cases.append((a, b, c, want))
+                    flips |= other
+    assert flips == {"one-sided", "all n", "alpha / 2"} and len(cases) > 100
+    x = torch.zeros(2)
+    for a, b, c, want in cases:
+        for order in ((a, b, c), (b, c, a), (c, a, b)):  # the top class in each position
+            top = order.index(a) if a > b else None
+            got = Smooth(Votes(order), 3, 0.5).predict(x, a + b + c, alpha, 7)
+            assert got == (top if want and top is not None else Smooth.ABSTAIN), (order, want)
+
+
 class NaNWhere(nn.Module):
     """Class 1 everywhere, but NaN logits where x[0] > threshold (no parameters: a fixed
     function)."""
@@ -904,29 +1011,29 @@ class NaNWhere(nn.Module):
         self.threshold = threshold
 
     def forward(self, x):
-        out = torch.tensor([0.0, 1.0], dtype=x.dtype).expand(len(x), 2).clone()
+        out = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device).expand(len(x), 2).clone()
         out[x[:, 0] > self.threshold] = math.nan
         return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bound", certify.BOUNDS)
-def test_non_finite_logits_never_vote(bound):
+def test_non_finite_logits_never_vote(bound, device):
     """A NaN network abstains (argmax would have voted class 0); when 69% of the samples are NaN
     (x[0] + eta > -0.25, sigma 0.5), they count against c_A, so p_A = 0.31 and it abstains (were
     NaN a vote for class 0, class 0 would be certified); it warns each time. Failure probability
     for correct code: abstaining fails only if 1,070 or more of 2,000 samples at p = 0.31 fall in
-    class 1, some 30 standard deviations out."""
+    class 1, about 22 standard deviations out."""
     x = torch.zeros(2, dtype=torch.float64)
+    nan_where = lambda threshold: Smooth(NaNWhere(threshold), 2, 0.5, device=device)
     for threshold in (-math.inf, -0.25):
         with pytest.warns(UserWarning, match="non-finite"):
-            assert Smooth(NaNWhere(threshold), 2, 0.5).certify(x, 50, 2000, 0.001, 500, bound) == (
-                Smooth.ABSTAIN,
-                0.0,
-            )
+            got = nan_where(threshold).certify(x, 50, 2000, 0.001, 500, bound)
+            assert got == (Smooth.ABSTAIN, 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning when every sample is finite
-        assert Smooth(NaNWhere(math.inf), 2, 0.5).certify(x, 50, 2000, 0.001, 500, bound)[0] == 1
-    lenet = models.get_model("fashion-mnist")
+        assert nan_where(math.inf).certify(x, 50, 2000, 0.001, 500, bound)[0] == 1
+    lenet = models.get_model("fashion-mnist").to(device)
     image = torch.rand(1, 28, 28)
     image[0, 3, 3] = math.nan  # one NaN pixel
     with pytest.warns(UserWarning, match="non-finite"):
@@ -935,7 +1042,7 @@ def test_non_finite_logits_never_vote(bound):
             0.0,
         )
     with pytest.warns(UserWarning):
-        assert Smooth(NaNWhere(-math.inf), 2, 0.5).predict(x, 100, 0.001, 100) == Smooth.ABSTAIN
+        assert nan_where(-math.inf).predict(x, 100, 0.001, 100) == Smooth.ABSTAIN
 
 
 # ================================================================ an exact oracle in 2-D
@@ -1004,7 +1111,8 @@ def test_theorem1_on_a_nonlinear_classifier_against_the_exact_distance():
     assert max(ratios) > 1 / 1.3 and min(ratios) < 0.97  # close, and the boundary's curve shows
 
 
-def test_certify_on_a_nonlinear_classifier_overclaims_at_most_alpha_of_the_time():
+@pytest.mark.parametrize("device", DEVICES)
+def test_certify_on_a_nonlinear_classifier_overclaims_at_most_alpha_of_the_time(device):
     """Soundness of CERTIFY on a nonlinear classifier: over 300 certificates at each of the six
     points (n = 500, alpha = 0.1), a certificate overclaims when it names the wrong class or a
     radius above sigma * PhiInv(exact p_A), itself at most the distance to g's boundary (the test
@@ -1014,8 +1122,8 @@ def test_certify_on_a_nonlinear_classifier_overclaims_at_most_alpha_of_the_time(
     alpha, independently, so the count is at most Bin(1800, 0.1), and the threshold is its
     1 - 1e-7 quantile: below 1e-7."""
     sigma, alpha, repeats = 0.5, 0.1, 300
-    smooth = Smooth(SineBoundary(), 2, sigma)
-    g = torch.Generator().manual_seed(0)
+    smooth = Smooth(SineBoundary(), 2, sigma, device=device)
+    g = torch.Generator(device).manual_seed(0)
     over = 0
     for x0 in ORACLE_POINTS:
         p = SineBoundary.p_1(x0, sigma)

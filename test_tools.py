@@ -31,6 +31,7 @@ import models
 import records
 import train
 from certify import Smooth
+from conftest import CUDA, DEVICES
 from macer import macer_loss
 from test_macer import Linear2, NaNWhere
 
@@ -816,12 +817,17 @@ def run(*args, env=None, ok=True):
     return p.stdout + p.stderr
 
 
-def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path, device):
     """Train, certify at the end, resume with more epochs (certify.tsv is redone for the new
-    checkpoint), then certify.py with Soft-RS."""
+    checkpoint), then certify.py with Soft-RS; on each device, in its default precision (on CUDA
+    bf16 autocast, where the GPU has it), channels_last."""
     out = tmp_path / "run"
+    precision = models.default_precision(torch.device(device))
     common = (
         "train.py",
+        "--device",
+        device,
         "--data-dir",
         tiny_fmnist,
         "--out-dir",
@@ -840,7 +846,7 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
         "5",
     )
     log = run(*common, "--epochs", "1")
-    assert "cpu fp32" in log and "over 5 inputs" in log  # under 50 steps: fp32, not measured
+    assert f"{device} {precision}" in log and "over 5 inputs" in log
     first = records.read_tsv(str(out / "certify.tsv"))
     log = run(*common, "--epochs", "2", "--resume")
     assert "resumed" in log and "afresh" in log and "over 5 inputs" in log
@@ -858,16 +864,19 @@ def test_train_then_certify_end_to_end(tiny_fmnist, tmp_path):
         str(tmp_path / "c.tsv"),
         "--bound",
         "bernstein",
+        "--device",
+        device,
     )
     rows = records.read_tsv(str(tmp_path / "c.tsv"))
     assert [r["idx"] for r in rows] == [0, 20, 40, 60, 80] and "ACR" in log and "ETA" in log
     assert (
         sum(r["correct"] for r in rows) >= 2
     )  # chance is 0.5 of 5: the smoothed classifier learnt the bars
-    assert "fp32, 1 process(es) ->" in log
+    assert f"{precision}, 1 process(es) ->" in log
     record = records.read_settings(str(tmp_path / "c.tsv"))
     assert record == {**record, **dict(dataset="fashion-mnist", sigma=0.25, n0=100, n=300)}
-    assert record["bound"] == "bernstein" and record["precision"] == "fp32"
+    assert record["bound"] == "bernstein" and record["precision"] == precision
+    assert record["noise_device"] == device
 
 
 @pytest.mark.skipif(
@@ -898,8 +907,14 @@ def test_end_to_end_on_real_fashion_mnist(tmp_path):
     assert len(s) == 20 and sum(r["correct"] for r in s) >= 8, log  # chance is 2 of 20
 
 
-def test_resume_continues_exactly_and_keeps_the_saved_settings(tiny_fmnist, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_continues_exactly_and_keeps_the_saved_settings(tiny_fmnist, tmp_path, device):
+    """An interrupted run resumed from its checkpoint (in a moved folder) ends with the weights of
+    the run that was not interrupted: bit for bit on the CPU; on CUDA to 1e-5, since cuDNN's
+    convolution gradients add in an order that varies from run to run."""
     common = [
+        "--device",
+        device,
         "--data-dir",
         tiny_fmnist,
         "--k",
@@ -927,6 +942,8 @@ def test_resume_continues_exactly_and_keeps_the_saved_settings(tiny_fmnist, tmp_
             "--resume",
             "--data-dir",
             tiny_fmnist,
+            "--device",
+            device,
         ]
     )
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
@@ -936,9 +953,13 @@ def test_resume_continues_exactly_and_keeps_the_saved_settings(tiny_fmnist, tmp_
         b["config"]["lr"] == 0.02 and b["config"]["k"] == 2
     )  # the saved settings, not the recipe's
     for name, v in a["model"].items():
-        assert torch.equal(v, b["model"][name]), name
+        if device == "cpu":
+            assert torch.equal(v, b["model"][name]), name
+        else:
+            torch.testing.assert_close(v, b["model"][name], rtol=1e-5, atol=1e-5)
     train.main(
         ["--out-dir", str(tmp_path / "moved"), "--resume", "--data-dir", tiny_fmnist]
+        + ["--device", device]
     )  # no --epochs: still 2
     assert torch.load(tmp_path / "moved" / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
@@ -950,9 +971,19 @@ def torchrun(*args, ok=True):
     )
 
 
-def test_ddp_training_and_its_final_certification_use_both_processes(tiny_fmnist, tmp_path):
+TWO_GPUS = pytest.param(
+    "cuda",
+    marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs here"),
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", TWO_GPUS])
+def test_ddp_training_and_its_final_certification_use_both_processes(tiny_fmnist, tmp_path, device):
+    """torchrun with two processes: gloo on the CPU, NCCL on two GPUs."""
     log = torchrun(
         "train.py",
+        "--device",
+        device,
         "--data-dir",
         tiny_fmnist,
         "--out-dir",
@@ -1063,15 +1094,19 @@ def test_cifar10_and_svhn_files_that_fail_their_md5_are_refused_in_one_sentence(
             data.load_dataset(dataset, str(tmp_path / dataset), train=False)
 
 
-def test_imagenet_honours_train_subset_and_augment(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_imagenet_honours_train_subset_and_augment(tmp_path, device):
     """--train-subset takes the first N ImageNet images and --augment 0 the evaluation transform
-    (resize and centre crop), as they do for the small datasets, instead of being recorded only."""
+    (resize and centre crop), as they do for the small datasets, instead of being recorded only.
+    On CUDA the loader pins its batches and data.batches copies them without blocking."""
     write_setting("imagenet", tmp_path / "data")
     base = dict(dataset="imagenet", data_dir=str(tmp_path / "data"), batch=2, workers=0)
     for subset, augment in ((3, True), (0, False)):
         cfg = dataclasses.replace(train.Config(), **base, train_subset=subset, augment=augment)
-        loader, _ = train.load_train_set(cfg, torch.device("cpu"), ddp=False)
-        assert len(loader.dataset) == (subset or 8)
+        loader, _ = train.load_train_set(cfg, torch.device(device), ddp=False)
+        assert len(loader.dataset) == (subset or 8) and loader.pin_memory == (device == "cuda")
+        x, y = next(data.batches(loader, 2, 0, 0, augment, torch.device(device)))
+        assert x.device.type == y.device.type == device and x.shape == (2, 3, 224, 224)
         tf = loader.dataset.dataset.transform
         names = [type(t).__name__ for t in tf.transforms]
         assert ("RandomResizedCrop" in names) == augment and ("CenterCrop" in names) != augment
@@ -1936,3 +1971,26 @@ def test_compare_names_beta_and_a_nan_sigma_names_the_record(tmp_path):
     with pytest.raises(ValueError, match="settings record lacks a valid sigma") as e:
         records.read_rows(str(a))
     assert "line 2" not in str(e.value)
+
+
+# ================================================================ the GPU check and --compile
+@pytest.mark.parametrize("device", DEVICES)
+def test_certify_compiles_the_network_and_records_it(lenet_ckpt, tiny_fmnist, tmp_path, device):
+    """certify.py --compile certifies with the torch.compile'd network; the settings record says
+    so (to inform: compiled kernels round like another CPU's, as the machine does)."""
+    out = tmp_path / "compiled.tsv"
+    base = [lenet_ckpt, "--data-dir", tiny_fmnist, "--n", "200", "--max", "2", "--skip", "50"]
+    certify.main(base + ["--compile", "--device", device, "--out", str(out)])
+    assert len(records.read_tsv(str(out))) == 2 and records.read_settings(str(out))["compile"]
+
+
+def test_the_gpu_check_runs_here_with_its_cuda_parts_listed(tmp_path):
+    """.ci/gpu end to end: on a machine without a GPU it lists its CUDA parts as skipped and runs
+    the training epoch and the certification small on the CPU; its JSON holds every part."""
+    if CUDA:
+        pytest.skip("on a GPU, .ci/gpu runs for minutes: run it by hand")
+    out = tmp_path / "gpu.json"
+    log = run(os.path.join(".ci", "gpu"), str(out))
+    parts = {p["name"]: p["status"] for p in json.loads(out.read_text())["parts"]}
+    assert parts["epoch"] == parts["certify"] == "ok", log
+    assert all(parts[name].startswith("skipped") for name in ("suite", "bench", "compile"))

@@ -129,8 +129,8 @@ class Config:
     out_dir: str = arg("", "where the run goes (default: runs/DATASET_METHOD_sSIGMA)")
     workers: int = arg(min(8, os.cpu_count() or 1), "data-loading processes (ImageNet only)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
-    fp32: bool = arg(False, "fp32, even where bf16 measures faster", action="store_true")
-    bf16: bool = arg(False, "bf16 autocast, even where it measures slower", action="store_true")
+    fp32: bool = arg(False, "fp32 (default: on a CPU)", action="store_true")
+    bf16: bool = arg(False, "bf16 autocast (default: on a GPU that has it)", action="store_true")
     compile: bool = arg(False, "torch.compile the model", action="store_true")
 
 
