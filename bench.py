@@ -1,11 +1,13 @@
-"""Speed of this MACER implementation: each row is a ratio A / B of two timings taken alternately
-(A, B, A, B, ...) after a warm-up, in one run on one device, so that drift in the machine's speed
-cancels (5a and 5b: one timing); each figure is a median. Each row decides something:
+"""Speed of this MACER implementation: each row is a ratio A / B of two timings in one run on one
+device. Rows 1, 2, 3d, 3e and 7 time A and B alternately (A, B, A, B, ...) after a warm-up, so
+that drift in the machine's speed cancels, and report medians; 3b times each batch size in turn
+(a median of 3); 5a and 5b give one figure (B); 6a and 6b are one run each. Each row decides
+something:
 
 1. A MACER training step / a cross-entropy step on the same 64 x 16 noisy images, on the default
    path: the loss's overhead. LeNet, and ResNet-110 (ResNet-20 with --quick on CPU).
-2. train.train_one_epoch over 6,400 (--quick: 1,600) LeNet images in bf16 autocast / fp32: whether
-   --bf16 pays for training here (the default is fixed per device: models.default_precision).
+2. train.train_one_epoch over 6,400 LeNet images (--quick: 1,600; GPU: 64,000), bf16 / fp32:
+   whether --bf16 pays for training here (the default is fixed per device: models.pick_precision).
 3. Certification, noisy samples/s: (b) at models.default_batch / the best of a grid: the default
    batch; LeNet at batch 400, (d) in fp32, channels_last / NCHW: models.FastPath's layout; (e) in
    channels_last, bf16 autocast / fp32: whether --bf16 pays for certification.
@@ -347,9 +349,8 @@ def main():
     print(" | ".join(f"{k} {v}" for k, v in info.items()))
     print(f"{'name':<50} {'A':>14} {'B':>14} {'ratio':>7}  target", flush=True)
 
-    # Training and certification come first: a fresh process's memory allocator is what train.py
-    # and certify.py meet (after the ResNet steps of 1, glibc serves large blocks without page
-    # faults, and fp32 LeNet steps run up to 1.5x faster than in a fresh process).
+    # Training and certification come first, in a fresh process's memory allocator, as train.py
+    # and certify.py meet it (after the ResNet steps of 1, glibc serves large blocks differently).
     rows = [training(device, 64_000 if cuda else 1600 if a.quick else 6400, 1 if a.quick else 3)]
     gpu_grid = [1000, 4000, 10_000, 25_000]
     n, grid = (100_000, gpu_grid) if cuda else (4000, [100, 200, 400, 1000, 4000])

@@ -103,7 +103,8 @@ class CifarResNet(nn.Module):
 
 
 class ResNet50(torchvision.models.ResNet):
-    """torchvision's ResNet-50, unchanged but for the normalisation in front."""
+    """torchvision's ResNet-50 with the normalisation in front and a LogitLinear fc (nn.Linear's
+    parameters and initialisation, applied in float32 under autocast)."""
 
     def __init__(self, normalize=None, num_classes=1000):
         super().__init__(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], num_classes)

@@ -1,6 +1,7 @@
 """certify.py's result files: a TSV of one row per input (Cohen et al.'s columns), the settings
-record beside it (written when the file starts), the lock and the cut-row repair; tables and plots
-are derived from the files (certify.py), never stored. A file holds rows of one set of facts
+record beside it (written when the file starts), the lock and the cut-row repair; then what reads
+them: the table, the plot (certify.py --plot writes it as a PNG beside the file) and the paired
+comparison (--compare). A file holds rows of one set of facts
 (MEANING, DRAW), checked on every resume; each row is checked when read. Processes append a line
 per input, so an interrupted run keeps its rows; input i's noise depends on (seed, i) alone, so its
 row is the same in any order, process or resume (with the same batch, on the same device type)."""

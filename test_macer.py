@@ -1,7 +1,8 @@
-"""The paper's properties, in the paper's order: Algorithm 1 and Eq. 17, Cohen et al. as the
-special case, Lemma 1, Theorems 1 and 2, Proposition 1, and the soundness of every bound. Each test
-runs the project's code against something trusted (a closed form, a naive loop, float64, finite
-differences or exact quadrature) and fails for the kind of bug its docstring names.
+"""The paper's properties, grouped by result: Algorithm 1 and Eq. 17, Cohen et al. as the special
+case, Lemma 1, Theorems 1 and 2, Proposition 1, the soundness of every bound and of CERTIFY, and an
+exact oracle in 2-D. Each test runs the project's code against something trusted (a closed form, a
+naive loop, float64, finite differences or exact quadrature) and fails for the kind of bug its
+docstring names. The tests marked with a device run on the CPU and on CUDA where there is a GPU.
 Run: python -m pytest -q test_macer.py test_tools.py"""
 
 import copy
@@ -304,7 +305,7 @@ def test_loss_under_bf16_autocast_is_computed_in_float32(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_hinge_is_exact_up_to_gamma_25_in_float32_and_never_nan_beyond(device):
-    """K = 2, gaps d from 4 to 7 (beta = 16: runner-up probabilities 1.6e-28 to 1.5e-49, through
+    """K = 2, gaps d from 4 to 7 (beta = 16: runner-up probabilities 1.6e-28 to 2.3e-49, through
     float32's smallest normal number 1.2e-38). At gamma = 25 float32's loss and gradient equal
     float64's; at gamma = 30, where float64 still has a hinge, the gradient is finite (a
     subnormal probability would make PhiInv' infinite and the gradient NaN)."""

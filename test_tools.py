@@ -1994,3 +1994,28 @@ def test_the_gpu_check_runs_here_with_its_cuda_parts_listed(tmp_path):
     parts = {p["name"]: p["status"] for p in json.loads(out.read_text())["parts"]}
     assert parts["epoch"] == parts["certify"] == "ok", log
     assert all(parts[name].startswith("skipped") for name in ("suite", "bench", "compile"))
+
+
+def test_a_sigma_the_paper_does_not_list_says_which_lambda_it_takes(tiny_fmnist, tmp_path, capsys):
+    flags = ["--data-dir", tiny_fmnist, "--out-dir", str(tmp_path), "--epochs", "1", "--k", "1"]
+    train.main(flags + ["--train-subset", "64", "--cert-max", "0", "--sigma", "0.3"])
+    assert "no lambda for sigma 0.3: the nearest sigma's, 16" in capsys.readouterr().out
+
+
+def test_the_readme_snippet_runs_in_a_folder_with_only_the_files_it_names(tmp_path):
+    """README.md's loss snippet, as told: in an empty folder with macer.py and certify.py copied
+    in and nothing else of the project, it trains a step and certifies."""
+    readme = Path(HERE, "README.md").read_text()
+    section = readme[readme.index("## The loss in your own training loop") :]
+    start = section.index("```python\n") + len("```python\n")
+    snippet = section[start : section.index("\n```", start)]
+    for name in ("macer.py", "certify.py"):
+        (tmp_path / name).write_text(Path(HERE, name).read_text())
+    (tmp_path / "snippet.py").write_text(snippet)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run(
+        [sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert p.returncode == 0, p.stderr
+    label, radius = p.stdout.split()
+    assert int(label) in range(-1, 10) and float(radius) >= 0

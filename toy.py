@@ -10,6 +10,7 @@ Fashion-MNIST test image under the noise of each sigma.
     python toy.py        # about 15 s on a CPU core: results/toy.png, knobs.png, noise.png
 """
 
+import json
 import math
 import os
 import time
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import norm
 
+import data
 from certify import Smooth
 from train import train_one_epoch
 
@@ -84,11 +86,13 @@ def certify_points(net, x):
 
 
 def draw_toy(plt, png):
+    """toy.png, and toy.json with each method's figures (README.md's table reads them)."""
     g = torch.Generator().manual_seed(0)
     x_train, y_train = two_moons(1000, 0.15, g)
     x_test, y_test = two_moons(40, 0.15, g)
     xs, ys = torch.linspace(-1.6, 2.6, 421), torch.linspace(-1.3, 1.8, 311)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    figures = {}
     for ax, (name, hyper) in zip(axes, METHODS.items(), strict=True):
         net = fit(**hyper, x=x_train, y=y_train)
         p = smoothed_probability(net, xs, ys)
@@ -106,12 +110,16 @@ def draw_toy(plt, png):
         ax.set(aspect="equal", xlim=(xs[0], xs[-1]), ylim=(ys[0], ys[-1]))
         title = f"{name} (k = {hyper['k']}, lambda = {hyper['lbd']:g}): ACR {acr:.3f}"
         ax.set_title(f"{title}, certified accuracy at r = 0.25: {at:.3f}", fontsize=10)
+        clean = correct.float().mean().item()  # certified accuracy at r = 0
+        figures[name] = dict(hyper, acr=acr, certified_accuracy_025=at, certified_accuracy_0=clean)
         print(f"{name}: ACR {acr:.3f}, certified accuracy at r = 0.25 {at:.3f}")
     fig.suptitle(
         f"Two moons, sigma = {SIGMA}: g's regions and boundary, the certified radii of "
         f"{len(y_test)} test points (x: wrong or abstained)"
     )
     save(plt, fig, png)
+    facts = dict(sigma=SIGMA, test_points=len(y_test), **CERT, methods=figures)
+    data.atomic_write(os.path.splitext(png)[0] + ".json", json.dumps(facts, indent=1))
 
 
 def draw_knobs(plt, png, gamma=8.0, n=100_000, alpha=0.001):
@@ -146,8 +154,6 @@ def draw_knobs(plt, png, gamma=8.0, n=100_000, alpha=0.001):
 def draw_noise(plt, png, index=0):
     """Fashion-MNIST test image `index` at sigma 0, 0.25, 0.5 and 1.0 (shown clipped to [0, 1]; the
     network sees it unclipped)."""
-    import data
-
     x, label = data.load_dataset("fashion-mnist", "data", train=False)[index]
     g = torch.Generator().manual_seed(0)
     fig, axes = plt.subplots(1, 4, figsize=(8, 2.4))
@@ -160,7 +166,7 @@ def draw_noise(plt, png, index=0):
 
 def save(plt, fig, png):
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    data.atomic_write(png, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     print(f"wrote {png}")
 

@@ -309,6 +309,11 @@ def fit(cfg, flags, resume, overwrite, rank, world):
         f"{cfg.epochs} epochs, {device} {precision}, {world} process(es) -> {cfg.out_dir}"
         + (f"; resumed at epoch {ckpt['epoch']}" if ckpt else "")
     )
+    paper_sigmas = data.dataset_facts(cfg.dataset).recipe.lbd
+    if not (ckpt or "lbd" in flags or cfg.method == "cohen" or cfg.sigma in paper_sigmas):
+        log(
+            f"note: the paper gives no lambda for sigma {cfg.sigma}: the nearest sigma's, {cfg.lbd}"
+        )
     t_run = time.time() - (ckpt["train_seconds"] if ckpt else 0.0)
     for epoch in range(ckpt["epoch"] if ckpt else 0, cfg.epochs):
         net.train()

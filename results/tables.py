@@ -145,8 +145,7 @@ def e10_acr(all_runs):
     for r in sorted(all_runs, key=lambda r: (r["sigma"], r["k"] != 16 and r["method"] == "macer")):
         for bound, path in sorted(r["tsv"].items(), key=lambda kv: order[kv[0]]):
             s = certify.summarize(records.read_rows(path))
-            what = r["method"].replace("cohen", "Cohen").replace("macer", "MACER")
-            what += f", k = {r['k']}" if r["method"] == "macer" and r["k"] != 16 else ""
+            what = label(r)
             what += "" if bound == "clopper-pearson" else f", Soft-RS {bound.capitalize()}"
             acc = [f"{s['cert_acc'][g]:.3f}" for g in GRID]
             trained = f"{r['precision']}, {r['machine']}"
@@ -278,11 +277,49 @@ def at_cap(all_runs):
             norm.cdf(x["radius"] / r["sigma"]) for x in got if x["correct"] and x["radius"] > 0
         ]
         q = np.percentile(p_low, [25, 50, 75]) if p_low else [np.nan] * 3
-        what = f"{r['method']}, k = {r['k']}" if r["method"] == "macer" else r["method"]
+        what = label(r)
         rows.append([r["sigma"], what, r["seed"], len(got), f"{cap:.3f}", f"{at / len(got):.3f}"])
         rows[-1] += [f"{zero / len(got):.3f}", " / ".join(f"{v:.4f}" for v in q)]
     head = ["sigma", "method", "seed", "images", "largest radius", "share at it"]
     return table(head + ["share wrong or abstained", "p_A_low quartiles (certified)"], rows)
+
+
+def label(r):
+    """A run's method as the tables name it: MACER's k and lambda where they are not the e10
+    recipe's (k = 16, lambda = 16 from the start)."""
+    if r["method"] == "cohen":
+        return "Cohen"
+    what = "MACER" + (f", k = {r['k']}" if r["k"] != 16 else "")
+    if r["dynamic_lbd"]:
+        what += f", lambda 0 then {r['lbd']:g} (footnote 5)"
+    elif r["lbd"] != 16:
+        what += f", lambda {r['lbd']:g}"
+    return what
+
+
+def sigma1_remedy(all_runs):
+    """At sigma 1.0: Cohen et al., MACER with lambda 16 throughout, and MACER with footnote 5's
+    lambda = 0 until the first lr decay, then 16 or 6; each MACER run against Cohen on the images
+    both hold, with clean accuracy (certified accuracy at r = 0) and the share at radius 0."""
+    cohen = find(all_runs, "cohen", 1.0)
+    runs = [cohen, find(all_runs, "macer", 1.0)]
+    runs += [find(all_runs, "macer", 1.0, dynamic_lbd=True, lbd=lbd) for lbd in (16.0, 6.0)]
+    rows = []
+    for r in runs:
+        if not (r and "clopper-pearson" in r["tsv"]):
+            continue
+        got = records.read_rows(r["tsv"]["clopper-pearson"])
+        s = certify.summarize(got)
+        zero = sum(not x["correct"] or x["predict"] == -1 for x in got) / len(got)
+        diff = "-"
+        if r is not cohen:
+            pair = [cohen["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]]
+            (p,) = compared(pair)["pairs"]
+            diff = f"{fmt_ci(p['diff'], p['ci'])} on {p['n']}"
+        rows.append([label(r), r["name"], f"{r['precision']}, {r['machine']}", s["n"]])
+        rows[-1] += [f"{s['cert_acc'][0.0]:.3f}", f"{zero:.3f}", f"**{s['acr']:.3f}**", diff]
+    head = ["method", "run", "trained in, on", "images", "clean accuracy", "share at radius 0"]
+    return table(head + ["ACR", "MACER - Cohen, 95% (images)"], rows)
 
 
 def k_ablation(all_runs):
@@ -378,6 +415,19 @@ def sizes():
     return table(["file", "lines", "of which on the reading path"], rows)
 
 
+def toy():
+    """The worked example's figures: results/toy.json, written by toy.py beside toy.png."""
+    with open(os.path.join(HERE, "toy.json")) as f:
+        facts = json.load(f)
+    rows = []
+    for name, m in facts["methods"].items():
+        rows.append([name, m["k"], m["lbd"], f"{m['certified_accuracy_0']:.3f}"])
+        rows[-1] += [f"{m['certified_accuracy_025']:.3f}", f"**{m['acr']:.3f}**"]
+    head = ["two moons, sigma 0.25", "k", "lambda", "certified accuracy at r = 0"]
+    head += ["certified accuracy at r = 0.25", f"ACR ({facts['test_points']} test points)"]
+    return table(head, rows)
+
+
 def quick_run():
     """The quick run's record: results/quick/ (python train.py --out-dir results/quick)."""
     folder = os.path.join(HERE, "quick")
@@ -463,12 +513,14 @@ def all_tables():
         "readme-speed": speed(short=True),
         "sizes": sizes(),
         "quick-run": quick_run(),
+        "toy": toy(),
         "e10-acr": e10_acr(all_runs),
         "e10-compare": e10_compare(compared),
         "e10-seeds": e10_seeds(compared),
         "softrs": softrs(all_runs),
         "at-cap": at_cap(all_runs),
         "k-ablation": k_ablation(all_runs),
+        "sigma1-remedy": sigma1_remedy(all_runs),
         "speed": speed(),
     }, all_runs
 
