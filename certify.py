@@ -41,7 +41,8 @@ def clopper_pearson_lower(n_A, n, alpha):
 
 
 def hoeffding_lower(z_hat_A, n, alpha):
-    """Eq. 23: z_A_low = z_hat_A - sqrt(-log(alpha) / (2n)), for n samples in [0, 1]."""
+    """Eq. 23: z_A_low = z_hat_A - sqrt(-log(alpha) / (2n)), for n samples in [0, 1] (Algorithm 2's
+    n; Appendix A writes k)."""
     return z_hat_A - math.sqrt(-math.log(alpha) / (2 * n))
 
 
@@ -66,8 +67,9 @@ def radius(p_A_low, sigma, p_B_up=None):
 
 # ---------------------------------------------------------------- the smoothed classifier
 class Smooth:
-    """g around the base classifier f: (b, *D) inputs (images in [0, 1], where sigma is measured)
-    -> (b, num_classes) logits; beta is Soft-RS's inverse temperature. The noise is drawn on
+    """The smoothed classifier g of a base classifier f, which maps a batch (b, *D) of inputs
+    (images in [0, 1], where sigma is measured) to (b, num_classes) logits; beta is Soft-RS's
+    inverse temperature. The noise is drawn on
     `device` (default: f's, else the input's), from `generator` (default: torch's). A sample with a
     non-finite logit votes for no class, with a warning. Each call restores f's train/eval modes;
     bad arguments raise ValueError."""
@@ -101,6 +103,7 @@ class Smooth:
                 c_A = int(counts0.argmax())  # c_A <- top index in counts0
                 counts = self._counts(x, n, batch_size, generator)  # SAMPLEUNDERNOISE(f, x, n)
                 p_A_low = clopper_pearson_lower(int(counts[c_A]), n, alpha)  # LOWERCONFBOUND
+                R = radius(p_A_low, self.sigma)  # sigma * PhiInv(p_A_low) if above 1/2, else None
             else:  # Algorithm 2, CERTIFYHOEFFDING and CERTIFYBERNSTEIN
                 z_hat_0 = self._moments(x, n0, batch_size, generator)[0] / n0  # SAMPLEUNDERNOISE
                 c_A = int(z_hat_0.argmax())  # c_A <- argmax_c z_hat_0^c
@@ -108,10 +111,10 @@ class Smooth:
                 A_1, A_2 = A[:, c_A].tolist()  # A[1, c_A], A[2, c_A]
                 z_hat_A = A_1 / n
                 if bound == "hoeffding":
-                    p_A_low = hoeffding_lower(z_hat_A, n, alpha)  # Eq. 23
+                    z_A_low = hoeffding_lower(z_hat_A, n, alpha)  # Eq. 23
                 else:
-                    p_A_low = bernstein_lower(z_hat_A, sample_variance(A_1, A_2, n), n, alpha)
-        R = radius(p_A_low, self.sigma)  # sigma * PhiInv(p_A_low) if p_A_low > 1/2, else abstain
+                    z_A_low = bernstein_lower(z_hat_A, sample_variance(A_1, A_2, n), n, alpha)
+                R = radius(z_A_low, self.sigma)  # Eq. 20: sigma * PhiInv(z_A_low) if above 1/2
         return (Smooth.ABSTAIN, 0.0) if R is None else (c_A, R)
 
     @torch.inference_mode()
@@ -161,8 +164,12 @@ def check_smooth(num_classes, sigma, beta):
             real = v.dim() == 0 and not (v.dtype.is_complex or v.dtype == torch.bool)
         else:
             real = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-        if not (real and math.isfinite(float(v)) and float(v) > 0):
-            raise ValueError(f"{name} must be a finite number > 0, not {v!r}")
+        try:
+            real = real and math.isfinite(float(v)) and float(v) > 0
+        except OverflowError:  # 10**400
+            real = False
+        if not real:
+            raise ValueError(f"{name} must be a finite number > 0, not {v!r:.40}")
     if not (
         isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 2
     ):
@@ -191,7 +198,7 @@ def checked_call(smooth, x, alpha, batch_size, bound="clopper-pearson", **counts
             raise ValueError(f"{name} must be an integer >= 1, not {v!r}")
     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
         raise ValueError(f"x must be a floating-point tensor (images: in [0, 1]), not {x!r:.60}")
-    if x.dim() == 3 and (x.min() < 0 or x.max() > 1):
+    if x.dim() >= 2 and (x.min() < 0 or x.max() > 1):  # an image: (H, W) or (C, H, W)
         warnings.warn(
             f"x spans [{x.min():.3g}, {x.max():.3g}]: images go in [0, 1], where sigma is "
             "measured (divide 0-255 pixels by 255)",
@@ -201,7 +208,13 @@ def checked_call(smooth, x, alpha, batch_size, bound="clopper-pearson", **counts
     weights = (
         [p for p in f.parameters() if p.is_floating_point()] if hasattr(f, "parameters") else []
     )
-    x = x.to(smooth.device or x.device, weights[0].dtype if weights else x.dtype)
+    dtype = weights[0].dtype if weights else x.dtype
+    if dtype not in (torch.float32, torch.float64):  # the noise would be drawn in it
+        raise ValueError(
+            f"the base classifier's weights are {dtype}: x and its noise would be rounded to it; "
+            "keep the weights in float32 and run the classifier under torch.autocast instead"
+        )
+    x = x.to(smooth.device or x.device, dtype)
     modes = [(m, m.training) for m in f.modules()] if isinstance(f, torch.nn.Module) else []
     for m, _ in modes:
         m.training = False
@@ -219,7 +232,7 @@ def explained_errors(x):
     try:
         yield
     except RuntimeError as e:
-        if out_of_memory(e):
+        if out_of_memory(e) or "overflow" in str(e).lower():  # a batch too large to size
             raise MemoryError("out of memory on a batch of noisy samples: lower batch_size") from e
         if any(w in str(e).lower() for w in ("shape", "size", "dimension", "expected")):
             first = str(e).strip().splitlines()[0][:200]
@@ -335,6 +348,11 @@ def check_args(a):
             raise ValueError(message)
     if a.out is None and a.checkpoint is not None:  # the default: beside the checkpoint
         a.out = os.path.splitext(a.checkpoint)[0] + f"_{a.bound}_n{a.n}.tsv"
+    if not math.isfinite(largest_radius(1.0, a.n, a.alpha, a.bound) or 0.0):
+        raise ValueError(
+            f"at --n {a.n} and --alpha {a.alpha}, p_A_low rounds to 1 and the radius to infinity; "
+            "lower --alpha or --n"
+        )
     if largest_radius(1.0, a.n, a.alpha, a.bound) is None:
         raise ValueError(
             f"no input can be certified with --n {a.n} and --alpha {a.alpha} ({a.bound}): even if "
@@ -345,9 +363,9 @@ def check_args(a):
             import matplotlib  # noqa: F401  (a broken install is refused too, before any work)
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install it, or drop --plot") from None
-        png = os.path.splitext(a.out)[0] + ".png"
-        if os.path.isdir(png):
-            raise ValueError(f"--plot would write {png}, a folder: choose another --out")
+        import records
+
+        records.check_png(os.path.splitext(a.out)[0] + ".png")
 
 
 def main(argv=None):
@@ -386,6 +404,7 @@ def run(a):
         out = a.out
         batch = a.batch or models.default_batch(cfg["arch"], device)
         saved = {} if a.overwrite else records.read_settings(out, strict=False) or {}
+        saved = saved if records.has_rows(out) else {}  # a record without rows binds nothing
         work = len(indices) * (a.n0 + a.n) / batch  # in batches; a resumed file goes on as it began
         args = (a, saved.get("precision"), work, model, device, (batch, *facts.shape), False)
         precision = models.from_rank0(

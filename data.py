@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import hashlib
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -126,6 +127,23 @@ def atomic_write(path, content):
     except BaseException:
         os.remove(tmp)
         raise
+
+
+def read_regular(path, what):
+    """The bytes of the regular file at path: opened without blocking, so that a FIFO or a device
+    there is refused (ValueError naming `what`) instead of hanging."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ValueError(f"no {what} at {path}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} {path} ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        kind = "a folder" if os.path.isdir(path) else "not a regular file"
+        raise ValueError(f"{path} is {kind}, not a {what}")
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 # ---------------------------------------------------------------- in-memory datasets

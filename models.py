@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from data import DATASETS, dataset_facts
+from data import DATASETS, dataset_facts, read_regular
 
 
 class Normalize(nn.Module):
@@ -279,12 +279,9 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
     checkpoint lacks; config["sha256"] is the hash of the very bytes that were loaded.
     weights_only=True: a checkpoint never runs code. A file that does not fit raises ValueError with
     one sentence saying what to do."""
+    blob = read_regular(path, "checkpoint")  # once: a save that replaces it cannot change the hash
     try:
-        with open(path, "rb") as f:
-            blob = f.read()  # read once: a save that replaces the file now cannot change the hash
         ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"no checkpoint at {path}") from None
     except Exception as e:
         raise ValueError(
             f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); is it complete?"
@@ -302,15 +299,16 @@ def load_checkpoint(path, dataset=None, arch=None, normalize=None):
         state, name = ckpt["state_dict"], str(ckpt.get("arch", ""))
         their_arch = "resnet50" if name == "resnet50" else name.replace("cifar_", "")
         their_data = "imagenet" if name == "resnet50" else "cifar10" if "cifar" in name else None
-        cfg = {"normalize": True, "arch": their_arch, "dataset": their_data}
+        cfg = {"normalize": True, "arch": their_arch or None, "dataset": their_data}
     elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state = ckpt
     else:
         raise ValueError(f"{path} is not a checkpoint of train.py, MACER or Cohen et al.")
     if "model" in ckpt:  # ours: its networks normalise inside, always
         cfg.setdefault("normalize", True)
-    facts = dict(dataset=str, arch=str, normalize=bool)  # what a checkpoint may say of itself
-    if any(cfg.get(k) is not None and not isinstance(cfg[k], t) for k, t in facts.items()):
+    facts = dict(dataset=str, arch=str, normalize=bool, sigma=(int, float), beta=(int, float))
+    odd = lambda k, t: isinstance(cfg[k], bool) and t is not bool or not isinstance(cfg[k], t)
+    if any(cfg.get(k) is not None and odd(k, t) for k, t in facts.items()):  # what it says
         raise ValueError(f"{path} has a config that train.py did not write; retrain or restore it")
     given = dict(dataset=dataset, arch=arch, normalize=normalize)
     for key, value in given.items():  # a flag fills in what the checkpoint lacks, never more

@@ -62,7 +62,8 @@ def read_settings(tsv_path, strict=True):
         fd = None
     saved = None
     if fd is not None:
-        with os.fdopen(fd, encoding="utf-8") as f, contextlib.suppress(OSError, ValueError):
+        quiet = contextlib.suppress(OSError, ValueError, RecursionError)  # nested 10^5 deep
+        with os.fdopen(fd, encoding="utf-8") as f, quiet:
             saved = json.load(f)  # a UnicodeDecodeError is a ValueError
     if isinstance(saved, dict) or not strict:
         return saved if isinstance(saved, dict) else None
@@ -129,12 +130,7 @@ def read_tsv(path, check=None):
     """The rows of a results TSV, checked by `check` (default: row_check(); certify.read_rows
     checks each radius against its settings record too)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except IsADirectoryError:
-        raise ValueError(f"{path} is a folder, not a results file") from None
-    except FileNotFoundError:
-        raise ValueError(f"no results file at {path}") from None
+        text = data.read_regular(path, "results file").decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a results file of certify.py (not UTF-8 text)") from None
     return parse_rows(text, path, check or row_check())
@@ -150,6 +146,15 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
         raise ValueError(
             f"--out must be a file name ending in .tsv (its record's name), not {path}"
         )
+    record = read_settings(path, strict=False)
+    if os.path.isdir(settings_path(path)):
+        raise ValueError(f"{settings_path(path)} is a folder: remove it, or choose another --out")
+    if record is not None and not set(MEANING + DRAW) <= set(record):  # a JSON of someone else's
+        raise ValueError(
+            f"{settings_path(path)} is not a settings record of certify.py, and would be "
+            "replaced: move it, or choose another --out"
+        )
+    made = not os.path.lexists(path)
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         # Never through a symlink (O_NOFOLLOW), never blocking on a FIFO (O_NONBLOCK).
@@ -167,6 +172,8 @@ def open_results(path, settings, indices, check, overwrite=False, log=print):
         return _continue(f, path, settings, indices, check, overwrite, log)
     except BaseException:
         f.close()
+        if made and os.path.getsize(path) == 0:  # refused: the empty file this call made goes
+            os.remove(path)
         raise
 
 
@@ -189,7 +196,10 @@ def _continue(f, path, settings, indices, check, overwrite, log):
     differ = lambda keys: [k for k in keys if saved.get(k) != settings[k]]
     why = None
     if "".join(text.splitlines()[1:]) and saved is None:
-        why = f"it has rows but no settings record ({settings_path(path)})"
+        why = (
+            f"it has rows but no settings record ({settings_path(path)}): another tool's file, "
+            "or one whose record was lost (--overwrite would empty it)"
+        )
     elif "".join(text.splitlines()[1:]) and differ(MEANING):
         why = f"its rows were made with other settings ({', '.join(differ(MEANING))})"
     lines = text.splitlines(keepends=True)
@@ -233,6 +243,14 @@ def _continue(f, path, settings, indices, check, overwrite, log):
     if rows:
         log(f"resuming {path}: {len(rows)} inputs done, {len(todo)} to go")
     return f, rows, todo
+
+
+def has_rows(path):
+    """Whether the results file at path holds a line beyond its header (False if there is none)."""
+    try:
+        return data.read_regular(path, "results file").count(b"\n", 0, 1 << 20) > 1
+    except ValueError:
+        return False
 
 
 def row_line(idx, label, predict, R, seconds):
@@ -346,6 +364,17 @@ def format_table(summary, title=""):
     return f"certified accuracy at radius r, over {summary['n']} inputs\n{head}\n{row}"
 
 
+PNG_MARK = b"certify.py --plot"  # in the PNG's Software field: a plot this tool may redraw
+
+
+def check_png(png_path):
+    """ValueError unless png_path is free, or a plot that certify.py --plot drew (it redraws it)."""
+    if os.path.isdir(png_path):
+        raise ValueError(f"--plot would write {png_path}, a folder: choose another --out")
+    if os.path.lexists(png_path) and PNG_MARK not in data.read_regular(png_path, "plot"):
+        raise ValueError(f"{png_path} was not drawn by certify.py --plot: move it, or drop --plot")
+
+
 def plot_curve(tsv, title, png_path):
     """Figure 1 for one results file: approximate certified accuracy against radius r."""
     import matplotlib
@@ -360,7 +389,9 @@ def plot_curve(tsv, title, png_path):
     ax.set(title=title, xlabel="radius r (l2, pixel space)", ylabel="certified accuracy")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    data.atomic_write(png_path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    check_png(png_path)
+    save = lambda f: fig.savefig(f, dpi=120, format="png", metadata={"Software": PNG_MARK.decode()})
+    data.atomic_write(png_path, save)
     plt.close(fig)
 
 
@@ -399,6 +430,13 @@ def compare(paths, resamples=10_000, seed=0):
     a 95% paired-bootstrap interval (inputs resampled), the certified-accuracy difference at each r.
     With several pairs (one per training seed): their mean difference with a two-level bootstrap
     interval (pairs resampled, then inputs within each), and the spread of A's and B's ACR."""
+    in_pairs = [set(pair) for pair in zip(paths[::2], paths[1::2], strict=True)]
+    repeated = sorted({p for p in paths if sum(p in pair for pair in in_pairs) > 1})
+    if repeated:
+        raise ValueError(
+            f"{', '.join(repeated)} appears in more than one pair: each pair is one training "
+            "seed's own two files"
+        )
     rng = np.random.default_rng(seed)
     pairs, diffs = [], []
     for path_a, path_b in zip(paths[::2], paths[1::2], strict=True):

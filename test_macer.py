@@ -708,6 +708,42 @@ def test_proposition1_bounds_the_hinge_gradient_in_the_logits(
     assert (grad.abs().sum(-1) <= beta / (2 * k) * (B_1 + B_2) * (1 + 1e-5)).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@FAST
+@given(
+    n=st.integers(1, 6),
+    k=st.integers(1, 8),
+    K=st.integers(2, 12),
+    scale=st.floats(1e-4, 5.0),
+    margin=st.floats(0.0, 12.0),
+    beta=st.sampled_from([1.0, 4.0, 16.0, 64.0]),
+    gamma=st.floats(0.5, 25.0),
+    seed=st.integers(0, 2**31),
+)
+def test_the_hinge_gradient_in_an_inputs_logits_is_at_most_2_sqrt_2pi_beta_whatever_gamma(
+    device, n, k, K, scale, margin, beta, gamma, seed
+):
+    """What keeps MACER's gradients small, where Proposition 1's bound grows as e^(gamma^2 / 2)
+    (2e14 at gamma = 8): through the softmax, d z^a / d u_j has l1 norm (2 beta / k) s_j^a
+    (1 - s_j^a), which over the k copies sums to at most 2 beta min(z_a, 1 - z_a); and
+    min(z, 1 - z) PhiInv'(z) = Phi(-|t|) / phi(t) <= sqrt(pi / 2), the Mills ratio at t = 0. So
+    the hinge of one input has a gradient in its logits, summed over its copies and classes, of l1
+    norm at most 2 sqrt(2 pi) beta, whatever gamma: about 80 at beta = 16. At a two-class tie with
+    k = 1 it is sqrt(2 pi) beta, half the bound, exactly."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, K, generator=g, dtype=torch.float64) * scale
+    logits[:, :, 0] += margin
+    logits = logits.to(device).requires_grad_()
+    y = (beta * logits.detach()).softmax(-1).mean(1).argmax(-1)  # all in G
+    loss_rob = macer_loss(logits, y, sigma=1.0, lbd=2.0, gamma=gamma, beta=beta)[2]
+    (grad,) = torch.autograd.grad(loss_rob * n, logits)  # lbd * sigma / 2 = 1: each hinge_i
+    assert (grad.abs().sum((1, 2)) <= 2 * math.sqrt(2 * math.pi) * beta * (1 + 1e-9)).all()
+    tie = torch.zeros(1, 1, 2, dtype=torch.float64, device=device, requires_grad=True)
+    hinge = macer_loss(tie, torch.tensor([0], device=device), 1.0, 2.0, gamma, beta)[2]
+    (grad,) = torch.autograd.grad(hinge, tie)
+    assert grad.abs().sum().item() == pytest.approx(math.sqrt(2 * math.pi) * beta, rel=1e-12)
+
+
 # ================================================================ the bounds and CERTIFY
 # (certify.py)
 @settings(max_examples=30, deadline=None)
@@ -947,6 +983,9 @@ def test_certificate_exceeds_the_truth_at_most_alpha_of_the_time(bound, where, d
 
 
 def test_predict_at_the_decision_boundary_abstains_except_with_probability_alpha():
+    """On the boundary of a half-space both classes have probability 1/2: PREDICT answers (does
+    not abstain) at most alpha of the time. Failure probability for correct code: the answers are
+    at most Bin(2000, alpha), the threshold its 1 - 1e-7 quantile: below 1e-7."""
     torch.manual_seed(0)
     smooth = Smooth(Linear2([1.0, 0.0], 0.0), 2, 0.5)
     x, alpha, repeats = torch.zeros(2, dtype=torch.float64), 0.1, 2000

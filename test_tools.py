@@ -424,7 +424,7 @@ def test_a_broken_settings_record_is_named_and_overwrite_gets_past_it(tmp_path, 
         rec.write_text(record)
     with pytest.raises(ValueError, match="r_settings.json") as e:
         cert(out, [0, 1, 2])
-    assert "--overwrite" in str(e.value)
+    assert ("remove it" if record == "folder" else "--overwrite") in str(e.value)
     if record == "folder":
         rec.rmdir()
     assert cert(out, [0, 1, 2], overwrite=True)["n"] == 3
@@ -1770,37 +1770,62 @@ def e10_folder(root, name, ckpt, tsv_from=None):
     return folder
 
 
+def e10_checkpoint(lenet_ckpt, path, **change):
+    """lenet_ckpt's weights under a record of the e10 recipe, finished (tables.py reads only
+    finished e10 runs): the files that tables.py checks, without ten epochs of training."""
+    sys.path.insert(0, os.path.join(HERE, "results"))
+    import tables
+
+    ckpt = torch.load(lenet_ckpt, weights_only=True)
+    config = {
+        **ckpt["config"],
+        **tables.E10_RECIPE,
+        "method": "cohen",
+        "k": 1,
+        "lbd": 0.0,
+        **change,
+    }
+    torch.save(dict(ckpt, config=config, epoch=config["epochs"]), path)
+    return str(path)
+
+
 def test_tables_verify_each_file_against_its_run_and_its_table(
     lenet_ckpt, tiny_fmnist, tmp_path, monkeypatch
 ):
     """results/tables.py refuses, naming the file and the setting: a results file certified at
     n = 200 under the n = 100,000 name; a settings record that names another checkpoint than its
-    folder's (a file copied from another run); and one table whose rows hold other alphas."""
+    folder's (a file copied from another run); one table whose rows hold other alphas; a run that
+    is not a finished run of the e10 recipe; two runs of the same settings, where it would pick
+    one; a README whose table markers do not pair up."""
     sys.path.insert(0, os.path.join(HERE, "results"))
     import tables
 
-    base = [lenet_ckpt, "--data-dir", tiny_fmnist, "--skip", "50", "--max", "2", "--n0", "10"]
+    ckpt = e10_checkpoint(lenet_ckpt, tmp_path / "e10.pt")
+    base = [ckpt, "--data-dir", tiny_fmnist, "--skip", "50", "--max", "2", "--n0", "10"]
     small, other, loose = tmp_path / "n200.tsv", tmp_path / "n1e5.tsv", tmp_path / "alpha.tsv"
     certify.main(base + ["--n", "200", "--out", str(small)])
     certify.main(base + ["--n", "100000", "--out", str(other)])
     certify.main(base + ["--n", "200", "--alpha", "0.1", "--out", str(loose)])
-    root = tmp_path / "e10_n200"
-    e10_folder(root, "cohen_s0.25", lenet_ckpt, small)
-    monkeypatch.setattr(tables, "E10", str(root))
-    with pytest.raises(SystemExit, match="n 200"):
-        tables.runs()
-    trained = Path(lenet_ckpt).parent.parent / "foreign"
-    train.main(
-        ["--data-dir", tiny_fmnist, "--out-dir", str(trained), "--epochs", "1", "--k", "1"]
-        + ["--train-subset", "64", "--cert-max", "0", "--seed", "1"]
-    )
-    root = tmp_path / "e10_foreign"
-    e10_folder(root, "cohen_s0.25", trained / "checkpoint.pt", other)  # lenet_ckpt's rows
-    monkeypatch.setattr(tables, "E10", str(root))
-    with pytest.raises(SystemExit, match="checkpoint_sha256"):
-        tables.runs()
+
+    def refused(name, folders, words):
+        root = tmp_path / name
+        for folder, (checkpoint, tsv) in folders.items():
+            e10_folder(root, folder, checkpoint, tsv)
+        monkeypatch.setattr(tables, "E10", str(root))
+        with pytest.raises(SystemExit, match=words):
+            tables.find(tables.runs(), "cohen", 0.25)
+
+    refused("n200", {"cohen_s0.25": (ckpt, small)}, "n 200")
+    seed1 = e10_checkpoint(lenet_ckpt, tmp_path / "seed1.pt", seed=1)
+    refused("foreign", {"cohen_s0.25": (seed1, other)}, "checkpoint_sha256")
+    off = e10_checkpoint(lenet_ckpt, tmp_path / "off.pt", train_subset=3000)
+    refused("off", {"cohen_s0.25": (off, None)}, "not a finished run of the e10 recipe")
+    twice = {"cohen_s0.25": (ckpt, other), "cohen_s0.25-again": (ckpt, other)}
+    refused("twice", twice, "the same run's settings")
     with pytest.raises(SystemExit, match="one table would mix alpha"):
         tables.consistent([str(small), str(loose)])
+    with pytest.raises(SystemExit, match="do not pair up"):
+        tables.fill("<!-- table:toy -->\nold\n<!-- table:sizes -->\nold\n<!-- /table -->\n", {})
 
 
 def test_training_never_saves_non_finite_weights(tiny_fmnist, tmp_path):
@@ -2019,3 +2044,65 @@ def test_the_readme_snippet_runs_in_a_folder_with_only_the_files_it_names(tmp_pa
     assert p.returncode == 0, p.stderr
     label, radius = p.stdout.split()
     assert int(label) in range(-1, 10) and float(radius) >= 0
+
+
+def test_what_a_second_reader_found_ends_right(lenet_ckpt, tiny_fmnist, tmp_path, monkeypatch):
+    """Cases an adversarial reader found: each now refused in one sentence, or right."""
+    base = [lenet_ckpt, "--data-dir", tiny_fmnist, "--max", "1", "--n", "100"]
+    write_tsv(tmp_path / "a.tsv", [(0, 1, 1, 0.1)])
+    write_tsv(tmp_path / "b.tsv", [(0, 1, 1, 0.2)])
+    a, b = str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")
+    assert "more than one pair" in one_line_error(certify.main, ["--compare", a, b, a, b])
+    os.mkfifo(tmp_path / "fifo.tsv")
+    msg = one_line_error(certify.main, ["--compare", a, str(tmp_path / "fifo.tsv")])
+    assert "not a regular file" in msg  # and no hang
+    os.mkfifo(tmp_path / "fifo.pt")
+    assert "not a regular file" in one_line_error(certify.main, [str(tmp_path / "fifo.pt")])
+    for argv, words in [
+        (base + ["--alpha", "0.9999999999999999"], "rounds to 1"),
+        (
+            base + ["--n", str(2**53), "--batch", str(2**53), "--out", str(tmp_path / "h.tsv")],
+            "--batch",
+        ),
+    ]:
+        assert words in one_line_error(certify.main, argv), argv
+    sd = torch.load(lenet_ckpt, weights_only=True)
+    torch.save(dict(sd, config=dict(sd["config"], beta=torch.tensor(16.0))), tmp_path / "t.pt")
+    assert "did not write" in one_line_error(certify.main, [str(tmp_path / "t.pt")] + base[1:])
+    torch.save(dict(arch="", state_dict=sd["model"]), tmp_path / "cohen_like.pt")
+    flags = ["--dataset", "fashion-mnist", "--arch", "lenet", "--sigma", "0.25"]
+    certify.main([str(tmp_path / "cohen_like.pt")] + base[1:] + flags)  # '' records no arch
+    out = tmp_path / "mine.tsv"
+    Path(records.settings_path(str(out))).write_text('{"my": "own"}')
+    assert "not a settings record" in one_line_error(certify.main, base + ["--out", str(out)])
+    assert Path(records.settings_path(str(out))).read_text() == '{"my": "own"}'
+    assert not out.exists()  # refused: the empty results file it began is gone again
+    (tmp_path / "p.png").write_text("my own picture")
+    msg = one_line_error(certify.main, base + ["--out", str(tmp_path / "p.tsv"), "--plot"])
+    assert "not drawn by certify.py" in msg and (tmp_path / "p.png").read_text() == "my own picture"
+    for _ in range(2):  # its own plot it draws, and redraws
+        certify.main(base + ["--out", str(tmp_path / "q.tsv"), "--plot"])
+    Path(records.settings_path(a)).write_text("[" * 100_000 + "]" * 100_000)
+    assert records.read_settings(a, strict=False) is None
+    with pytest.raises(ValueError, match="not a readable settings record"):
+        records.read_settings(a)
+    stale = tmp_path / "stale.tsv"  # a record whose run wrote no row: it binds no precision
+    stale.write_text(records.HEADER + "\n")
+    Path(records.settings_path(str(stale))).write_text(json.dumps(toy_settings(precision="bf16")))
+    certify.main(base + ["--out", str(stale)])
+    assert records.read_settings(str(stale))["precision"] == "fp32"
+    with pytest.raises(ValueError, match="sigma must be"):
+        Smooth(Stub(), 3, 10**400)
+    with pytest.raises(ValueError, match="bfloat16"):
+        Smooth(models.get_model("fashion-mnist").bfloat16(), 10, 0.25).certify(
+            torch.rand(1, 28, 28), 10, 100, 0.001, 50
+        )
+    with pytest.warns(UserWarning, match=r"images go in \[0, 1\]"):
+        Smooth(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), 2, 0.25).certify(
+            torch.full((2, 2), 200.0), 10, 100, 0.001, 50
+        )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(data.IDX, "fashion-mnist", ("FashionMNIST", str(tmp_path / "nowhere")))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no download, here or anywhere
+    one_line_error(train.main, ["--out-dir", "fresh", "--data-dir", str(tmp_path / "no")])
+    assert not (tmp_path / "fresh").exists()  # a run that stopped at once leaves no folder

@@ -7,7 +7,7 @@ smoothed classifier's regions and every correctly certified test point's radius 
 inside it, g cannot change its prediction. knobs.png: what gamma and beta do. noise.png: one
 Fashion-MNIST test image under the noise of each sigma.
 
-    python toy.py        # about 15 s on a CPU core: results/toy.png, knobs.png, noise.png
+    python toy.py    # seconds to a minute, by the load: results/toy.png, knobs.png, noise.png
 """
 
 import json

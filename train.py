@@ -9,9 +9,11 @@ overridden.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import io
 import itertools
 import math
 import os
@@ -33,7 +35,8 @@ from macer import macer_loss, noisy_copies
 
 # ---------------------------------------------------------------- Algorithm 1
 def train_one_epoch(model, opt, batches, k, sigma, lbd, gamma, beta, grad_clip=0.0, log=None):
-    """Algorithm 1, lines 2-9: one step of opt (SGD) on Eq. 17 for each minibatch in `batches`.
+    """Algorithm 1, lines 2-9: one step of opt (SGD) on Eq. 17 for each minibatch in `batches`,
+    with the model in whatever mode the caller set (train.py: model.train()).
     log((logits, y, loss_cls, loss_rob)), if given, sees each step's outcome, detached."""
     for x, y in batches:  # line 3: a minibatch (x_i, y_i), i = 1..n
         n = len(y)
@@ -127,7 +130,7 @@ class Config:
     log_every: int = arg(200, "a progress line every N steps within an epoch")
     data_dir: str = arg("data", "where the datasets are")
     out_dir: str = arg("", "where the run goes (default: runs/DATASET_METHOD_sSIGMA)")
-    workers: int = arg(min(8, os.cpu_count() or 1), "data-loading processes (ImageNet only)")
+    workers: int = arg(8, "data-loading processes (ImageNet; each seeds its own augmentation)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
     fp32: bool = arg(False, "fp32 (default: on a CPU)", action="store_true")
     bf16: bool = arg(False, "bf16 autocast (default: on a GPU that has it)", action="store_true")
@@ -188,7 +191,12 @@ def check_config(cfg):
     ]
     bad += [message for holds, message in rules if not holds]
     if not bad and cfg.cert_max > 0:  # before training, not after it
-        if certify.largest_radius(1.0, cfg.cert_n, cfg.cert_alpha, "clopper-pearson") is None:
+        cap = certify.largest_radius(1.0, cfg.cert_n, cfg.cert_alpha, "clopper-pearson")
+        if cap is not None and not math.isfinite(cap):
+            bad.append(
+                "at this --cert-n and --cert-alpha the radius rounds to infinity: lower either"
+            )
+        if cap is None:
             bad.append(
                 f"no input can be certified with --cert-n {cfg.cert_n} and --cert-alpha "
                 f"{cfg.cert_alpha}: raise either (or --cert-max 0 to skip certification)"
@@ -206,7 +214,7 @@ def parse_config(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
         epilog="A flag not given takes the value of the dataset's recipe (data.DATASETS) at "
-        "that sigma; the run's whole configuration is written to OUT_DIR/config.json.",
+        "that sigma; the run's whole configuration is saved in OUT_DIR/checkpoint.pt.",
     )
     for f in dataclasses.fields(Config):
         flag = dict(f.metadata)
@@ -262,16 +270,20 @@ def main(argv=None):
 
 
 def run(cfg, flags, resume, overwrite):
-    """The processes and the run folder's lock around fit(); both are released however it ends."""
+    """The processes and the run folder's lock around fit(); both are released however it ends,
+    and a folder that this run made and left empty (it stopped before its first save) goes."""
     device, rank, world, joined = models.join_processes(cfg.device)
     cfg.device = str(device)
-    folder_lock = None
+    folder_lock, made = None, not os.path.exists(cfg.out_dir)
     try:
         folder_lock = lock_run_folder(cfg.out_dir) if rank == 0 else None
         fit(cfg, flags, resume, overwrite, rank, world)
     finally:
         if folder_lock is not None:
             os.close(folder_lock)
+            if made:
+                with contextlib.suppress(OSError):  # not empty: it holds the run
+                    os.rmdir(cfg.out_dir)
         if joined:
             dist.destroy_process_group()
 
@@ -378,7 +390,8 @@ def open_run(cfg, flags, resume, overwrite, ckpt_path, rank, world):
         if not os.path.exists(ckpt_path):
             raise ValueError(f"--resume found no checkpoint at {ckpt_path}; check --out-dir")
         try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            blob = io.BytesIO(data.read_regular(ckpt_path, "checkpoint"))  # a FIFO: refused
+            ckpt = torch.load(blob, map_location="cpu", weights_only=True)
             saved, epoch, trained_by = dict(ckpt["config"]), int(ckpt["epoch"]), len(ckpt["rng"])
             if trained_by < 1 or any(len(r) != 2 for r in ckpt["rng"]):
                 raise ValueError  # one (CPU, CUDA) RNG state per process; caught just below
@@ -535,7 +548,7 @@ def certify_checkpoint(cfg, ckpt_path, rank, world):
         why = str(e.code).removeprefix("error: ").rstrip(".")
         raise ValueError(
             f"the checkpoint is saved, but certifying it stopped: {why} (certify.py's flags: run "
-            f"certify.py {ckpt_path} yourself; train.py's --overwrite would train again)"
+            f"certify.py -- {ckpt_path} yourself; train.py's --overwrite would train again)"
         ) from None
 
 

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -47,6 +48,12 @@ def runs():
             blob = f.read()
         ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         record, sha256 = ckpt["config"], hashlib.sha256(blob).hexdigest()
+        off = {k: record.get(k) for k, v in E10_RECIPE.items() if record.get(k) != v}
+        if ckpt["epoch"] != record.get("epochs") or off:
+            sys.exit(
+                f"error: {path} is not a finished run of the e10 recipe (epoch {ckpt['epoch']} of "
+                f"{record.get('epochs')}; {off or 'recipe as stated'}); finish it or move it out"
+            )
         tsvs = {}
         for bound in certify.BOUNDS:
             tsv = os.path.join(os.path.dirname(path), f"checkpoint_{bound}_n100000.tsv")
@@ -75,7 +82,7 @@ def verified(tsv, sha256, record, bound, n):
     sigma and dataset, with the bound and n its name says; else SystemExit naming what differs."""
     settings = records.read_settings(tsv) or {}
     want = dict(checkpoint_sha256=sha256, sigma=record["sigma"], dataset=record["dataset"])
-    want.update(bound=bound, n=n)
+    want.update(bound=bound, n=n, beta=None if bound == "clopper-pearson" else record["beta"])
     wrong = [k for k, v in want.items() if settings.get(k) != v]
     if wrong:
         got = ", ".join(f"{k} {settings.get(k)!r}" for k in wrong)
@@ -83,7 +90,11 @@ def verified(tsv, sha256, record, bound, n):
     return tsv
 
 
-SAME = ("n0", "n", "alpha", "dataset", "test_set_sha256")  # across the rows of any one table
+# What every e10 run shares (results/README.md states it); method, sigma, seed, k and lambda vary.
+E10_RECIPE = dict(dataset="fashion-mnist", arch="lenet", epochs=10, lr=0.01, milestones=[5, 9])
+E10_RECIPE.update(batch=64, momentum=0.9, weight_decay=5e-4, gamma=8.0, beta=16.0, grad_clip=5.0)
+E10_RECIPE.update(train_subset=0, augment=False)
+SAME = ("n0", "n", "alpha", "dataset", "test_set_sha256", "precision")  # in any one table
 
 
 def consistent(paths, keys=SAME):
@@ -100,10 +111,12 @@ def consistent(paths, keys=SAME):
 
 
 def compared(paths, notes_allowed=False):
-    """records.compare on pairs of files, refused where their records differ (its notes)."""
+    """records.compare on pairs of files, refused where their records differ (its notes; with
+    notes_allowed, in anything but the bound and its beta)."""
     c = records.compare(list(consistent(paths, SAME + ("bound",) * (not notes_allowed))))
     notes = [note for p in c["pairs"] for note in p["notes"]]
-    if notes and not notes_allowed:
+    allowed = ("A and B differ in bound", "A and B differ in beta") if notes_allowed else ()
+    if any(not note.startswith(allowed) for note in notes):
         sys.exit(f"error: compared files differ: {'; '.join(notes)}")
     return c
 
@@ -120,6 +133,10 @@ def find(all_runs, method, sigma, seed=0, k=None, dynamic_lbd=False, lbd=None):
     key = (method, sigma, seed, k, dynamic_lbd, lbd)
     hits = [r for r in all_runs if (r["method"], r["sigma"], r["seed"], r["k"]) == key[:4]]
     hits = [r for r in hits if (r["dynamic_lbd"], r["lbd"]) == key[4:]]
+    if len(hits) > 1:
+        sys.exit(
+            f"error: {', '.join(r['name'] for r in hits)} are the same run's settings; keep one"
+        )
     return hits[0] if hits else None
 
 
@@ -158,13 +175,14 @@ def e10_pairs(all_runs):
     """Per sigma: Cohen against MACER (k = 16) on the images both hold, every seed that has both."""
     out = {}
     for sigma in SIGMAS:
-        pairs = []
-        for seed in range(10):
+        pairs, seeds = [], []
+        for seed in sorted({r["seed"] for r in all_runs}):
             a, b = find(all_runs, "cohen", sigma, seed), find(all_runs, "macer", sigma, seed)
             if a and b and "clopper-pearson" in a["tsv"] and "clopper-pearson" in b["tsv"]:
                 pairs += [a["tsv"]["clopper-pearson"], b["tsv"]["clopper-pearson"]]
+                seeds.append(seed)
         if pairs:
-            out[sigma] = compared(pairs)
+            out[sigma] = dict(compared(pairs), seeds=seeds)
     return out
 
 
@@ -213,7 +231,7 @@ def e10_seeds(compared):
     for sigma, c in compared.items():
         if len(c["pairs"]) < 2:
             continue
-        for seed, p in enumerate(c["pairs"]):
+        for seed, p in zip(c["seeds"], c["pairs"], strict=True):
             rows.append([sigma, seed, p["n"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}"])
             rows[-1] += [fmt_ci(p["diff"], p["ci"]), excludes_zero(p["ci"])]
         mean = lambda key: sum(p[key] for p in c["pairs"]) / len(c["pairs"])  # noqa: B023
@@ -368,12 +386,22 @@ def speed(short=False):
             hit = [r for r in b["rows"] if r["name"] == name]
             if hit:
                 r = hit[0]
+                checked_row(r, file)
                 ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
                 line += [f"{number(r['a'])} / {number(r['b'])} {r['unit']}", ratio]
             else:
                 line += ["-", "-"]
         rows.append(line)
     return table(head, rows)
+
+
+def checked_row(r, file):
+    """A bench row whose figures are positive and finite (or absent), its ratio a / b."""
+    a, b, ratio = r["a"], r["b"], r["ratio"]
+    figures = [v for v in (a, b, ratio) if v is not None]
+    fine = all(isinstance(v, (int, float)) and 0 < v < math.inf for v in figures)
+    if not fine or (ratio is not None and not math.isclose(ratio, a / b, rel_tol=1e-9)):
+        sys.exit(f"error: {file}'s row {r['name']!r} holds a figure that bench.py cannot make")
 
 
 def row_order(name):
@@ -411,7 +439,7 @@ def sizes():
         "certify.py": span("certify.py", None, helpers + "Smooth's checks"),
     }
     rows = [[name, code[name], path.get(name, "")] for name in files]
-    rows.append(["all", sum(code.values()), sum(path.values())])
+    rows.append(["all but the tests", sum(code.values()), sum(path.values())])
     return table(["file", "lines", "of which on the reading path"], rows)
 
 
@@ -421,6 +449,9 @@ def toy():
         facts = json.load(f)
     rows = []
     for name, m in facts["methods"].items():
+        accuracies = (m["certified_accuracy_0"], m["certified_accuracy_025"])
+        if not (all(0 <= v <= 1 for v in accuracies) and 0 <= m["acr"] < math.inf):
+            sys.exit(f"error: results/toy.json holds figures that toy.py cannot make ({name})")
         rows.append([name, m["k"], m["lbd"], f"{m['certified_accuracy_0']:.3f}"])
         rows[-1] += [f"{m['certified_accuracy_025']:.3f}", f"**{m['acr']:.3f}**"]
     head = ["two moons, sigma 0.25", "k", "lambda", "certified accuracy at r = 0"]
@@ -440,7 +471,10 @@ def quick_run():
     got = records.read_rows(tsv)
     s = certify.summarize(got)
     with open(os.path.join(folder, "log.txt")) as f:
-        wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", f.read())
+        log = f.read()
+    if f"trained in {ckpt['train_seconds']:.0f}s; checkpoint" not in log:
+        sys.exit("error: results/quick/log.txt is not the log of its checkpoint's run; rerun it")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", log)
     acc = " / ".join(f"{s['cert_acc'][g]:.3f}" for g in (0.0, 0.25, 0.5))
     row = [machine(ckpt["config"].get("device_name")), ckpt["config"]["precision"]]
     row += [settings["precision"], f"{ckpt['train_seconds']:.0f} s"]
@@ -463,7 +497,7 @@ def figures(all_runs):
 
     colour = {"cohen": "tab:blue", "macer": "tab:red"}
     style = ["-", "--", ":", "-."]
-    compared = [r for r in all_runs if r["method"] == "cohen" or r["k"] == 16]
+    compared = [r for r in all_runs if label(r) in ("Cohen", "MACER")]  # the e10 recipe's pairs
     for png, cdf in (("summary.png", False), ("radius_cdf.png", True)):
         fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8), squeeze=False)
         for ax, sigma in zip(axes[0], SIGMAS, strict=True):
@@ -475,17 +509,16 @@ def figures(all_runs):
                     y = (R[None, :] <= grid[:, None]).mean(1)
                 else:
                     y = list(certify.summarize(got, grid)["cert_acc"].values())
-                label = f"{r['method']} seed {r['seed']} ({len(got)} images)"
+                legend = f"{r['method']} seed {r['seed']} ({len(got)} images)"
                 ax.plot(
-                    grid, y, color=colour[r["method"]], linestyle=style[r["seed"] % 4], label=label
+                    grid, y, color=colour[r["method"]], linestyle=style[r["seed"] % 4], label=legend
                 )
             ax.set(title=f"sigma = {sigma}", xlabel="radius r")
             ax.set_ylabel("share of images with radius <= r" if cdf else "certified accuracy")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(E10, png), dpi=110)
-        plt.close(fig)
+        save(fig, os.path.join(E10, png))
     k_runs = [find(all_runs, "macer", 0.25, 0, k) for k in (1, 2, 4, 8, 16)]
     k_rows = [records.read_rows(r["tsv"]["clopper-pearson"]) for r in k_runs]
     common = set.intersection(*({x["idx"] for x in got} for got in k_rows))
@@ -500,7 +533,15 @@ def figures(all_runs):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(E10, "k_ablation.png"), dpi=110)
+    save(fig, os.path.join(E10, "k_ablation.png"))
+
+
+def save(fig, png):
+    """fig as png, written atomically (a symlink there is replaced, never written through)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    data.atomic_write(png, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -526,7 +567,13 @@ def all_tables():
 
 
 def fill(text, tables):
-    """text with each marked table replaced by its current version."""
+    """text with each marked table replaced by its current version; SystemExit where the markers
+    do not pair up (a table's end lost), before anything is replaced."""
+    marks = re.findall(r"<!-- (table:[\w-]+|/table) -->", text)
+    if marks[0::2] != [m for m in marks if m != "/table"] or set(marks[1::2]) - {"/table"}:
+        sys.exit("error: a README's <!-- table:NAME --> and <!-- /table --> markers do not pair up")
+    if len(marks) % 2:
+        sys.exit("error: a README's last table has no <!-- /table --> marker")
 
     def one(m):
         name = m.group(1)
@@ -541,7 +588,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--check", action="store_true", help="compare, write nothing")
     a = p.parse_args(argv)
+    try:
+        write(a.check)
+    except (ValueError, KeyError, TypeError, ZeroDivisionError, RuntimeError, OSError) as e:
+        sys.exit(f"error: {type(e).__name__}: {e}; a committed file is missing or does not fit")
+
+
+def write(check):
     tables, all_runs = all_tables()
+    if not check:
+        figures(all_runs)  # first: if a file breaks them, no README has changed yet
     stale = []
     for path in READMES:
         with open(path) as f:
@@ -549,21 +605,20 @@ def main(argv=None):
         new = fill(old, tables)
         if new != old:
             stale.append(path)
-            if a.check:
+            if check:
                 diff = difflib.unified_diff(
                     old.splitlines(), new.splitlines(), path, "from the files"
                 )
                 print("\n".join(list(diff)[:40]))
             else:
                 data.atomic_write(path, new)
-    if a.check:
+    if check:
         if stale:
             sys.exit(
                 f"error: tables differ from the files in {', '.join(stale)}; run results/tables.py"
             )
         print("every table matches the committed files")
         return
-    figures(all_runs)
     print(f"wrote {len(stale)} README(s) and e10/summary.png, radius_cdf.png, k_ablation.png")
 
 
