@@ -329,15 +329,16 @@ def sigma1_remedy(all_runs):
         got = records.read_rows(r["tsv"]["clopper-pearson"])
         s = certify.summarize(got)
         zero = sum(not x["correct"] or x["predict"] == -1 for x in got) / len(got)
-        diff = "-"
+        cohen_acr, diff = "-", "-"
         if r is not cohen:
             pair = [cohen["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]]
             (p,) = compared(pair)["pairs"]
-            diff = f"{fmt_ci(p['diff'], p['ci'])} on {p['n']}"
+            cohen_acr, diff = f"{p['acr_a']:.3f} ({p['n']})", fmt_ci(p["diff"], p["ci"])
         rows.append([label(r), r["name"], f"{r['precision']}, {r['machine']}", s["n"]])
-        rows[-1] += [f"{s['cert_acc'][0.0]:.3f}", f"{zero:.3f}", f"**{s['acr']:.3f}**", diff]
+        rows[-1] += [f"{s['cert_acc'][0.0]:.3f}", f"{zero:.3f}", f"**{s['acr']:.3f}**"]
+        rows[-1] += [cohen_acr, diff]
     head = ["method", "run", "trained in, on", "images", "clean accuracy", "share at radius 0"]
-    return table(head + ["ACR", "MACER - Cohen, 95% (images)"], rows)
+    return table(head + ["ACR", "Cohen's ACR on them", "MACER - Cohen, 95%"], rows)
 
 
 def k_ablation(all_runs):
@@ -376,7 +377,8 @@ def speed(short=False):
     names = sorted((n for n in names if n.split(".")[0] in bench.ROWS), key=row_order)
     head = ["measurement"]
     for file, b in benches:
-        head += [f"{b['device']}, {file}: A / B", "ratio"]
+        compiled = " (--compile)" * bool(b.get("compile"))
+        head += [f"{b['device']}, {file}{compiled}: A / B", "ratio"]
     rows = []
     for name in names:
         if short and not name.startswith(("2.", "3d.", "3e.", "6a.")):
