@@ -31,7 +31,6 @@ from scipy.stats import binomtest, norm
 
 CERT = dict(n0=100, n=100_000, alpha=0.001)  # Cohen et al.'s protocol, and the paper's
 RADII = [0.25 * i for i in range(10)]  # the paper's grid r = 0, 0.25, ..., 2.25
-BOUNDS = ("clopper-pearson", "hoeffding", "bernstein")
 
 
 # ---------------------------------------------------------------- lower confidence bounds on p_A
@@ -147,6 +146,9 @@ def summarize(rows, grid=RADII):
 
 
 # ---------------------------------------------------------------- Smooth's checks
+BOUNDS = ("clopper-pearson", "hoeffding", "bernstein")
+
+
 def largest_radius(sigma, n, alpha, bound):
     """The radius CERTIFY gives when all n samples agree (z_A = 1 for Soft-RS); None when even that
     abstains, so that no input can be certified with this n and alpha."""

@@ -42,13 +42,11 @@ def noisy_copies(x, k, sigma, noise=None):
     standard normal of shape (n, k, *D) or (n*k, *D) (it is scaled by sigma here); by default it
     is drawn on x's device.
     """
-    if not (isinstance(k, int) and k >= 1 and math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"noisy_copies needs an integer k >= 1 and a finite sigma > 0: {k, sigma}")
+    check_copies(k, sigma)
     n, D = x.shape[0], x.shape[1:]
     x_rep = x.unsqueeze(1).expand(n, k, *D).reshape(n * k, *D)  # (n, k, *D) -> (n*k, *D)
-    if noise is None:
-        noise = torch.randn_like(x_rep)
-    return x_rep + sigma * noise.reshape(n * k, *D)  # noise (n, k, *D) -> (n*k, *D)
+    noise = torch.randn_like(x_rep) if noise is None else noise.reshape(n * k, *D)  # (n*k, *D)
+    return x_rep + sigma * noise  # x_ij = x_i + eta_ij, eta_ij = sigma * noise_ij
 
 
 def macer_loss(logits, targets, sigma, lbd, gamma, beta):
@@ -117,6 +115,11 @@ def probit_margin(z_hat_beta, y, z_runner_up):
     defined = inside(one_minus_z_y) & inside(z_runner_up)
     PhiInv = lambda p: torch.special.ndtri(torch.where(defined, p, 0.5))  # PhiInv(1/2) = 0
     return -PhiInv(one_minus_z_y) - PhiInv(z_runner_up), defined
+
+
+def check_copies(k, sigma):
+    if not (isinstance(k, int) and k >= 1 and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"noisy_copies needs an integer k >= 1 and a finite sigma > 0: {k, sigma}")
 
 
 def check_loss_args(logits, targets, sigma, lbd, gamma, beta):
