@@ -1,15 +1,17 @@
 """Randomized smoothing: Hard-RS (Cohen et al., 2019) and Soft-RS (MACER, Appendix A, Algorithm 2).
 
-The smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), predicts class A
-with probability p_A under the noise. Theorem 1: g predicts A everywhere within the l2 radius
-sigma * PhiInv(p_A) of x (with p_B <= 1 - p_A). p_A is not known, so CERTIFY samples the noise and
+The smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), predicts the
+class A that the base classifier f returns with the largest probability p_A under the noise.
+Theorem 1: g predicts A everywhere within the l2 radius sigma * PhiInv(p_A) of x (with p_B <=
+1 - p_A). p_A is not known, so CERTIFY samples the noise and
 uses p_A_low, a lower confidence bound that holds with probability 1 - alpha: a certificate is
 wrong with probability at most alpha. For example, p_A_low = 0.98 gives 2.05 sigma. Soft-RS
 (Eq. 20) does the same for the mean softmax z_A = E softmax(beta * u(x + eta))^A.
 
     label, radius = Smooth(model, 10, sigma=0.25).certify(x, 100, 100_000, 0.001, batch_size=400)
 
-The paper ends at summarize(); the checks, then the command line, follow. Smooth needs torch and
+Everything down to summarize() is the paper; below it come the checks (and noisy_logits, which
+draws the noise and calls f), then the command line. Smooth needs torch and
 scipy only: copy this file with macer.py. The guarantee assumes exact Gaussian noise; sampled in
 floating point, it can fail near an adversarial input (Voracek and Hein, ICLR 2023).
 """
@@ -118,7 +120,8 @@ class Smooth:
 
     @torch.inference_mode()
     def _counts(self, x, num, batch_size, generator):
-        """Hard-RS's SAMPLEUNDERNOISE: (K,) counts of argmax_c u^c(x + eta) over num samples."""
+        """Hard-RS's SAMPLEUNDERNOISE: (K,) counts of argmax_c u^c(x + eta) over num samples
+        (noisy_logits draws each batch x + eta, eta ~ N(0, sigma^2 I), and returns f's logits u)."""
         counts = torch.zeros(self.num_classes, dtype=torch.float64, device=x.device)
         for u, w in noisy_logits(self, x, num, batch_size, generator):  # w: 0 for no vote
             counts += torch.bincount(u.argmax(1), w, minlength=self.num_classes)

@@ -3,26 +3,28 @@
 A smoothed classifier g(x) = argmax_c P(f(x + eta) = c), eta ~ N(0, sigma^2 I), is certified
 within the radius sigma/2 (PhiInv(p_A) - PhiInv(p_B)) (Theorem 1; PhiInv is the inverse of the
 standard normal CDF). MACER trains the base network f so that this radius is large, through a
-differentiable estimate of it from k noisy copies of each input: the soft-smoothed classifier
-g_tilde(x) = argmax_c E softmax(beta * u(x + eta))^c (Soft-RS, Eq. 16), with u the network's
-logits, estimated from the copies. Algorithm 1 on a batch of n inputs:
+differentiable estimate of it from k noisy copies of each input: the soft smoothed classifier
+g_tilde(x) = argmax_c E softmax(beta * u(x + eta))^c (Definition 2, Eq. 14; its radius is Eq. 16),
+estimated from the copies. Here u are the network's logits over K classes, lbd is lambda, and
+Algorithm 1 runs on a batch of n inputs:
 
     line 4:  x_ij = x_i + eta_ij, eta_ij ~ N(0, sigma^2 I), j = 1..k
-    line 5:  z_hat(x_i) = (1/k) sum_j softmax(beta * u(x_ij)), the mean softmax of the copies
-    line 6:  G = {i : y_i = argmax_c z_hat^c(x_i)}, the inputs that g_tilde classifies correctly
-    line 7:  y_hat_i = argmax_{c != y_i} z_hat^c(x_i), the runner-up
-    line 8:  xi_hat_i = PhiInv(z_hat^{y_i}(x_i)) - PhiInv(z_hat^{y_hat_i}(x_i)), a probit margin
-    line 9:  one step on Eq. 17, with the classification term at beta = 1 (below):
-             l = -(1/n) sum_i log z_hat^{y_i}(x_i)
+    line 5:  z_hat_beta(x_i) = (1/k) sum_j softmax(beta * u(x_ij)), the mean softmax of the copies
+    line 6:  G = {i : y_i = argmax_c z_hat_beta^c(x_i)}, the inputs g_tilde classifies correctly
+    line 7:  y_hat_i = argmax_{c != y_i} z_hat_beta^c(x_i), the runner-up
+    line 8:  xi_hat_i = PhiInv(z_hat_beta^{y_i}(x_i)) - PhiInv(z_hat_beta^{y_hat_i}(x_i))
+    line 9:  one step on Eq. 17, with z_hat_1, the mean softmax at beta = 1, in its first term:
+             l = -(1/n) sum_i log z_hat_1^{y_i}(x_i)
                  + (lambda sigma / 2n) sum_{i in G} max(gamma - xi_hat_i, 0)
 
-sigma * xi_hat_i / 2 is input i's Soft-RS radius (Eq. 16) as k samples estimate it: the hinge pushes
-it up to gamma * sigma / 2, then stops. Eq. 17 as printed has one z_hat in both terms; Section 5.3
-and the authors' code take beta = 1 in the classification term and beta in the robustness term, as
-here. With k = 1 and lambda = 0 the loss is cross-entropy on one noisy copy: Cohen et al. (2019).
+xi_hat_i is a probit margin, and sigma * xi_hat_i / 2 input i's Soft-RS radius (Eq. 16) as k
+samples estimate it: the hinge pushes it up to gamma * sigma / 2, then stops. Eq. 17 as printed has
+one z_hat in both terms; Section 5.3 and the authors' code take beta = 1 in the classification term
+and beta in the robustness term, as here. With k = 1 and lambda = 0 the loss is cross-entropy on
+one noisy copy: Cohen et al. (2019).
 
-    x_noisy = noisy_copies(x, k, sigma)                      # (n*k, C, H, W)
-    logits = model(x_noisy).view(len(x), k, -1)              # (n*k, K) -> (n, k, K)
+    x_noisy = noisy_copies(x, k, sigma)            # (n*k, C, H, W)
+    logits = model(x_noisy).view(len(x), k, -1)    # (n*k, K) -> (n, k, K)
     loss, loss_cls, loss_rob = macer_loss(logits, y, sigma, lbd=12.0, gamma=8.0, beta=16.0)
 
 Needs torch only: paste this file into your project. This file trains; certify.py certifies.
@@ -72,7 +74,8 @@ def macer_loss(logits, targets, sigma, lbd, gamma, beta):
     z_y = z_hat_beta.gather(1, y).squeeze(1)  # z_hat_beta^{y_i}(x_i), (n, 1) -> (n,)
     in_G = z_y == z_hat_beta.amax(dim=1)  # line 6, (n,): y_i is the top class (a tie is in G)
     z_runner_up = z_hat_beta.scatter(1, y, -1.0).amax(dim=1)  # line 7, (n,): the top class but y_i
-    xi_hat, defined = probit_margin(z_hat_beta, y, z_runner_up)  # line 8, (n,)
+    # Line 8, (n,); `defined` is False where a probability underflows (xi_hat > 25: see below).
+    xi_hat, defined = probit_margin(z_hat_beta, y, z_runner_up)
     # Line 9, Eq. 17: both terms are divided by n, the whole batch, not by |G|.
     loss_cls = -log_z_hat.gather(1, y).mean()  # -(1/n) sum_i log z_hat^{y_i}(x_i)
     hinge = torch.where(in_G & defined, (gamma - xi_hat).clamp(min=0), 0.0)  # (n,)

@@ -723,10 +723,11 @@ def test_proposition1_bounds_the_hinge_gradient_in_the_logits(
 def test_the_hinge_gradient_in_an_inputs_logits_is_at_most_2_sqrt_2pi_beta_whatever_gamma(
     device, n, k, K, scale, margin, beta, gamma, seed
 ):
-    """What keeps MACER's gradients small, where Proposition 1's bound grows as e^(gamma^2 / 2)
-    (2e14 at gamma = 8): through the softmax, d z^a / d u_j has l1 norm (2 beta / k) s_j^a
-    (1 - s_j^a), which over the k copies sums to at most 2 beta min(z_a, 1 - z_a); and
-    min(z, 1 - z) PhiInv'(z) = Phi(-|t|) / phi(t) <= sqrt(pi / 2), the Mills ratio at t = 0. So
+    """What keeps MACER's gradients small, where the bound in Proposition 1's proof grows as
+    e^(gamma^2 / 2) (2e14 at gamma = 8): through the softmax, d z^a / d u_j has l1 norm
+    (2 beta / k) s_j^a (1 - s_j^a), which over the k copies sums to at most
+    2 beta min(z_a, 1 - z_a); and min(z, 1 - z) PhiInv'(z) = Phi(-|t|) / phi(t) <= sqrt(pi / 2),
+    the Mills ratio at t = 0. So
     the hinge of one input has a gradient in its logits, summed over its copies and classes, of l1
     norm at most 2 sqrt(2 pi) beta, whatever gamma: about 80 at beta = 16. At a two-class tie with
     k = 1 it is sqrt(2 pi) beta, half the bound, exactly."""

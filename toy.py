@@ -110,8 +110,10 @@ def draw_toy(plt, png):
         ax.set(aspect="equal", xlim=(xs[0], xs[-1]), ylim=(ys[0], ys[-1]))
         title = f"{name} (k = {hyper['k']}, lambda = {hyper['lbd']:g}): ACR {acr:.3f}"
         ax.set_title(f"{title}, certified accuracy at r = 0.25: {at:.3f}", fontsize=10)
-        clean = correct.float().mean().item()  # certified accuracy at r = 0
-        figures[name] = dict(hyper, acr=acr, certified_accuracy_025=at, certified_accuracy_0=clean)
+        at_05 = (credit >= 0.5).float().mean().item()
+        certified = dict(certified_accuracy_0=correct.float().mean().item())  # abstaining: wrong
+        certified.update(certified_accuracy_025=at, certified_accuracy_05=at_05)
+        figures[name] = dict(hyper, acr=acr, **certified)
         print(f"{name}: ACR {acr:.3f}, certified accuracy at r = 0.25 {at:.3f}")
     fig.suptitle(
         f"Two moons, sigma = {SIGMA}: g's regions and boundary, the certified radii of "

@@ -53,8 +53,9 @@ def train_one_epoch(model, opt, batches, k, sigma, lbd, gamma, beta, grad_clip=0
 
 
 def epoch_lambda(cfg, epoch):
-    """Footnote 5: with dynamic lambda, train with lambda = 0 until the first lr decay, which
-    lr_schedule makes at epoch milestones[0] (check_config: increasing, and given)."""
+    """Footnote 5: with dynamic lambda, train with lambda = 0 until the first lr decay. Epochs
+    count from 0 and the scheduler steps after each (lr_schedule), so the decay comes after epoch
+    milestones[0] - 1 (check_config: milestones increasing, and given)."""
     return 0.0 if cfg.dynamic_lbd and epoch < cfg.milestones[0] else cfg.lbd
 
 
