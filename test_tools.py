@@ -2086,6 +2086,8 @@ def test_what_a_second_reader_found_ends_right(lenet_ckpt, tiny_fmnist, tmp_path
     assert records.read_settings(a, strict=False) is None
     with pytest.raises(ValueError, match="not a readable settings record"):
         records.read_settings(a)
+    certify.main(base + ["--bf16", "--out", str(tmp_path / "bf16.tsv")])  # Smooth takes FastPath
+    assert records.read_settings(str(tmp_path / "bf16.tsv"))["precision"] == "bf16"
     stale = tmp_path / "stale.tsv"  # a record whose run wrote no row: it binds no precision
     stale.write_text(records.HEADER + "\n")
     Path(records.settings_path(str(stale))).write_text(json.dumps(toy_settings(precision="bf16")))
