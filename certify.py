@@ -143,9 +143,9 @@ def summarize(rows, grid=RADII):
     """Approximate certified accuracy at each r in grid (correct and radius >= r) and the ACR (mean
     radius, 0 for a wrong or abstained input) over rows, dicts of label, predict and radius."""
     credit = [(r["predict"] == r["label"], r["radius"]) for r in rows]
-    n = max(len(rows), 1)
-    cert_acc = {g: sum(c and R >= g for c, R in credit) / n for g in grid}
-    return {"n": len(rows), "cert_acc": cert_acc, "acr": sum(c * R for c, R in credit) / n}
+    count = max(len(rows), 1)
+    cert_acc = {g: sum(c and R >= g for c, R in credit) / count for g in grid}
+    return {"inputs": len(rows), "cert_acc": cert_acc, "acr": sum(c * R for c, R in credit) / count}
 
 
 # ---------------------------------------------------------------- Smooth's checks
@@ -233,14 +233,17 @@ def checked_call(smooth, x, alpha, batch_size, bound="clopper-pearson", **counts
 @contextlib.contextmanager
 def explained_errors(x):
     """A RuntimeError from drawing the noise or from the base classifier, with what to do: lower
-    the batch when out of memory, check the input's shape when the network rejected it."""
+    the batch when out of memory, check the input's dtype or shape when the network rejected it."""
     try:
         yield
     except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200]
         if out_of_memory(e) or "overflow" in str(e).lower():  # a batch too large to size
             raise MemoryError("out of memory on a batch of noisy samples: lower batch_size") from e
+        if any(w in first for w in ("dtype", "type (", "scalar type")):  # weights Smooth can't see
+            hint = f"pass x (now {x.dtype}) in the dtype of the classifier's weights"
+            raise ValueError(f"the base classifier failed ({first}): {hint}") from e
         if any(w in str(e).lower() for w in ("shape", "size", "dimension", "expected")):
-            first = str(e).strip().splitlines()[0][:200]
             raise ValueError(f"the base classifier failed ({first}): {shape_hint(x)}") from e
         raise
 

@@ -361,7 +361,7 @@ def format_table(summary, title=""):
     head = f"{'':<{width}}" + "".join(f"{r:>7.2f}" for r in summary["cert_acc"]) + f"{'ACR':>8}"
     accs = "".join(f"{a:>7.3f}" for a in summary["cert_acc"].values())
     row = f"{title:<{width}}{accs}{summary['acr']:>8.3f}"
-    return f"certified accuracy at radius r, over {summary['n']} inputs\n{head}\n{row}"
+    return f"certified accuracy at radius r, over {summary['inputs']} inputs\n{head}\n{row}"
 
 
 PNG_MARK = b"certify.py --plot"  # in the PNG's Software field: a plot this tool may redraw
@@ -457,7 +457,9 @@ def compare(paths, resamples=10_000, seed=0):
         d = credit[1] - credit[0]  # (m,) per-input difference of the ACR's terms
         lo, hi = np.percentile(bootstrap_means(d, resamples, rng), [2.5, 97.5])
         diffs.append(d)
-        pairs.append(dict(a=path_a, b=path_b, n=len(common), acr_a=s_a["acr"], acr_b=s_b["acr"]))
+        pairs.append(
+            dict(a=path_a, b=path_b, inputs=len(common), acr_a=s_a["acr"], acr_b=s_b["acr"])
+        )
         pairs[-1].update(diff=float(d.mean()), ci=(float(lo), float(hi)))
         pairs[-1].update(notes=differences(path_a, path_b))
         pairs[-1]["cert_acc_diff"] = {
@@ -485,8 +487,9 @@ def format_comparison(c):
     lines = []
     for j, p in enumerate(c["pairs"], start=1):
         lines += [
-            f"{f'pair {j}: ' * several}on the {p['n']} inputs both hold: ACR {p['acr_a']:.3f} (A, "
-            f"{p['a']}), {p['acr_b']:.3f} (B, {p['b']})\nACR difference B - A: {p['diff']:+.3f}, "
+            f"{f'pair {j}: ' * several}on the {p['inputs']} inputs both hold: ACR "
+            f"{p['acr_a']:.3f} (A, {p['a']}), {p['acr_b']:.3f} (B, {p['b']})\n"
+            f"ACR difference B - A: {p['diff']:+.3f}, "
             f"95% paired-bootstrap interval [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] (seed "
             f"{c['seed']})\ncertified accuracy difference B - A at radius r",
             "".join(f"{r:>7.2f}" for r in p["cert_acc_diff"]),

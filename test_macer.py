@@ -1186,4 +1186,4 @@ def test_summary_matches_definitions():
     s = certify.summarize(rows)
     assert s["acr"] == pytest.approx((0.3 + 1.2) / 4)
     assert s["cert_acc"][0.0] == 0.5 and s["cert_acc"][0.25] == 0.5 and s["cert_acc"][0.5] == 0.25
-    assert s["cert_acc"][1.25] == 0.0 and s["n"] == 4
+    assert s["cert_acc"][1.25] == 0.0 and s["inputs"] == 4

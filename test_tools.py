@@ -74,6 +74,9 @@ def test_smooth_rejects_bad_arguments_with_a_sentence():
     assert (
         Smooth(NaNWhere(math.inf), 2, 0.5).certify(x, 10, 100, 0.001, 50)[0] == 1
     )  # no parameters at all
+    f = lambda x: nn.Linear(2, 2)(x)  # a function hides its float32 weights from Smooth
+    with pytest.raises(ValueError, match="now torch.float64.*dtype of the classifier's weights"):
+        Smooth(f, 2, 0.5).certify(x, 10, 100, 0.001, 50)
 
 
 class Raises(nn.Module):
@@ -215,7 +218,7 @@ def test_results_tsv_is_appended_and_resumed(tmp_path):
         and rows[0]["correct"] == 0
     )
     assert (
-        s1["n"] == 2 and s2["n"] == 4 and s2["acr"] == pytest.approx(R / 4, rel=1e-3)
+        s1["inputs"] == 2 and s2["inputs"] == 4 and s2["acr"] == pytest.approx(R / 4, rel=1e-3)
     )  # only idx 5 is correct
     assert s2["seconds"] == pytest.approx(
         sum(r["time"] for r in rows), abs=0.005
@@ -268,7 +271,7 @@ def test_results_made_with_other_settings_are_never_mixed(tmp_path):
         with pytest.raises(ValueError, match=f"other settings \\({next(iter(change))}\\)"):
             cert(out, [0, 1, 2], **change)
     s = cert(out, [0, 1, 2], sigma=0.5, overwrite=True)
-    assert s["n"] == 3 and all(
+    assert s["inputs"] == 3 and all(
         r["radius"] == pytest.approx(0.5 * norm.ppf(0.001**0.01), rel=1e-3)
         for r in records.read_tsv(str(out))
     )
@@ -279,12 +282,12 @@ def test_rows_drawn_otherwise_are_read_but_never_appended_to(tmp_path):
     --overwrite)."""
     out = tmp_path / "r.tsv"
     cert(out, [0, 1])
-    assert cert(out, [0, 1], seed=1)["n"] == 2  # nothing to certify: read as it is
+    assert cert(out, [0, 1], seed=1)["inputs"] == 2  # nothing to certify: read as it is
     with pytest.raises(ValueError, match=r"other noise settings \(seed: seed 0\)"):
         cert(out, [0, 1, 2], seed=1)
     with pytest.raises(ValueError, match=r"other noise settings \(batch: batch 50\)"):
         cert(out, [0, 1, 2], batch=7)
-    assert cert(out, [0, 1, 2], seed=1, overwrite=True)["n"] == 3
+    assert cert(out, [0, 1, 2], seed=1, overwrite=True)["inputs"] == 3
     assert json.loads(Path(tmp_path / "r_settings.json").read_text())["seed"] == 1
 
 
@@ -297,7 +300,7 @@ def test_a_cut_off_last_row_is_dropped_and_certified_again(tmp_path):
     )  # the last row, cut short
     lines = []
     s = cert(out, [0, 1, 2, 3, 4], log=lines.append)
-    assert any("cut-off" in line for line in lines) and s["n"] == 5
+    assert any("cut-off" in line for line in lines) and s["inputs"] == 5
     assert [r["idx"] for r in records.read_tsv(str(out))] == [0, 1, 2, 3, 4]
     assert Path(out).read_text().endswith("\n")
 
@@ -309,7 +312,7 @@ def test_a_crlf_file_without_its_last_newline_keeps_every_row(tmp_path):
     cert(out, [0, 1, 2, 3])
     Path(out).write_bytes(Path(out).read_bytes().replace(b"\n", b"\r\n").rstrip(b"\r\n"))
     lines = []
-    assert cert(out, [0, 1, 2, 3, 4], log=lines.append)["n"] == 5
+    assert cert(out, [0, 1, 2, 3, 4], log=lines.append)["inputs"] == 5
     assert "resuming" in lines[0] and "4 inputs done, 1 to go" in lines[0]
     assert [r["idx"] for r in records.read_tsv(str(out))] == [0, 1, 2, 3, 4]
 
@@ -326,7 +329,7 @@ def test_a_file_with_cr_line_ends_keeps_every_row(tmp_path):
     out = tmp_path / "r.tsv"
     cert(out, [0, 1, 2])
     Path(out).write_bytes(Path(out).read_bytes().replace(b"\n", b"\r"))  # old Mac line ends
-    assert cert(out, [0, 1, 2, 3])["n"] == 4
+    assert cert(out, [0, 1, 2, 3])["inputs"] == 4
     assert [r["idx"] for r in records.read_tsv(str(out))] == [0, 1, 2, 3]
 
 
@@ -344,7 +347,7 @@ def test_a_huge_radius_is_written_with_its_digits_and_read_back(tmp_path):
 def test_an_empty_results_file_is_started_and_a_corrupt_one_refused(tmp_path):
     out = tmp_path / "r.tsv"
     out.write_text("")  # a kill during the first image
-    assert cert(out, [0, 1])["n"] == 2
+    assert cert(out, [0, 1])["inputs"] == 2
     out.write_text(records.HEADER + "\n0\t1\t1\t0.5\n1\t0\t1\t0.5\t0\t1.0\n")
     with pytest.raises(ValueError, match="line 2"):
         records.read_tsv(str(out))
@@ -427,7 +430,7 @@ def test_a_broken_settings_record_is_named_and_overwrite_gets_past_it(tmp_path, 
     assert ("remove it" if record == "folder" else "--overwrite") in str(e.value)
     if record == "folder":
         rec.rmdir()
-    assert cert(out, [0, 1, 2], overwrite=True)["n"] == 3
+    assert cert(out, [0, 1, 2], overwrite=True)["inputs"] == 3
 
 
 def test_noise_is_per_input_whatever_the_order_the_company_or_a_resume(tmp_path):
@@ -478,7 +481,7 @@ def test_compare_against_a_hand_computed_case(tmp_path):
     )  # Cohen et al.'s time column
     (c,) = records.compare([str(a), str(b)], resamples=4000)["pairs"]
     assert (
-        c["n"] == 3
+        c["inputs"] == 3
         and c["acr_a"] == pytest.approx(0.8 / 3)
         and c["acr_b"] == pytest.approx(1.2 / 3)
     )
