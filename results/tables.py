@@ -166,7 +166,9 @@ def e10_acr(all_runs):
             what += "" if bound == "clopper-pearson" else f", Soft-RS {bound.capitalize()}"
             acc = [f"{s['cert_acc'][g]:.3f}" for g in GRID]
             trained = f"{r['precision']}, {r['machine']}"
-            rows.append([r["sigma"], what, r["seed"], trained, s["n"], *acc, f"**{s['acr']:.3f}**"])
+            rows.append(
+                [r["sigma"], what, r["seed"], trained, s["inputs"], *acc, f"**{s['acr']:.3f}**"]
+            )
     head = ["sigma", "method", "seed", "trained in, on", "images", *[f"{g:.2f}" for g in GRID]]
     return table(head + ["ACR"], rows)
 
@@ -190,7 +192,7 @@ def e10_compare(compared, short=False):
     rows = []
     for sigma, c in compared.items():
         seeds = len(c["pairs"])
-        images = ", ".join(str(p["n"]) for p in c["pairs"])
+        images = ", ".join(str(p["inputs"]) for p in c["pairs"])
         if seeds > 1:
             diff, ci = c["diff"], c["ci"]
             acr_a, acr_b = c["acr_a"]["mean"], c["acr_b"]["mean"]
@@ -232,7 +234,7 @@ def e10_seeds(compared):
         if len(c["pairs"]) < 2:
             continue
         for seed, p in zip(c["seeds"], c["pairs"], strict=True):
-            rows.append([sigma, seed, p["n"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}"])
+            rows.append([sigma, seed, p["inputs"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}"])
             rows[-1] += [fmt_ci(p["diff"], p["ci"]), excludes_zero(p["ci"])]
         mean = lambda key: sum(p[key] for p in c["pairs"]) / len(c["pairs"])  # noqa: B023
         diffs = [p["diff"] for p in c["pairs"]]
@@ -261,9 +263,11 @@ def softrs(all_runs):
                     for s, h in zip_rows(soft_rows, records.read_rows(hard))
                 )
                 largest = max(s["radius"] for s in soft_rows)
-                rows.append([r["name"], bound, p["n"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}"])
-                rows[-1] += [fmt_ci(p["diff"], p["ci"]), f"{same} of {p['n']}"]
-                rows[-1] += [f"{smaller} of {p['n']}", f"{largest:.2f}"]
+                rows.append(
+                    [r["name"], bound, p["inputs"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}"]
+                )
+                rows[-1] += [fmt_ci(p["diff"], p["ci"]), f"{same} of {p['inputs']}"]
+                rows[-1] += [f"{smaller} of {p['inputs']}", f"{largest:.2f}"]
     head = ["run", "Soft-RS bound", "images", "Hard-RS ACR", "Soft-RS ACR", "Soft - Hard, 95%"]
     head += ["same prediction", "smaller radius", "largest Soft-RS radius"]
     return table(head, rows)
@@ -315,10 +319,11 @@ def label(r):
     return what
 
 
-def sigma1_remedy(all_runs):
+def sigma1_remedy(all_runs, short=False):
     """At sigma 1.0: Cohen et al., MACER with lambda 16 throughout, and MACER with footnote 5's
     lambda = 0 until the first lr decay, then 16 or 6; each MACER run against Cohen on the images
-    both hold, with clean accuracy (certified accuracy at r = 0) and the share at radius 0."""
+    both hold, with clean accuracy (certified accuracy at r = 0) and the share at radius 0. short:
+    the MACER runs against Cohen only, for README.md."""
     cohen, plain = find(all_runs, "cohen", 1.0), find(all_runs, "macer", 1.0)
     runs = [cohen, plain]
     runs += [find(all_runs, "macer", 1.0, dynamic_lbd=True, lbd=lbd) for lbd in (16.0, 6.0)]
@@ -337,11 +342,17 @@ def sigma1_remedy(all_runs):
             pair = [base["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]]
             (p,) = compared(pair)["pairs"]
             against += [f"{p['acr_a']:.3f}", fmt_ci(p["diff"], p["ci"])]
-        rows.append([label(r), r["name"], f"{r['precision']}, {r['machine']}", s["n"]])
+        rows.append([label(r), r["name"], f"{r['precision']}, {r['machine']}", s["inputs"]])
         rows[-1] += [f"{s['cert_acc'][0.0]:.3f}", f"{zero:.3f}", f"**{s['acr']:.3f}**", *against]
     head = ["method", "run", "trained in, on", "images", "clean accuracy", "share at radius 0"]
     head += ["ACR", "Cohen's ACR on them", "- Cohen, 95%"]
-    return table(head + ["lambda-16 MACER's ACR on them", "- lambda-16 MACER, 95%"], rows)
+    head += ["lambda-16 MACER's ACR on them", "- lambda-16 MACER, 95%"]
+    if short:
+        keep = [0, 3, 4, 7, 6, 8]  # method, images, clean accuracy, Cohen's ACR, ACR, difference
+        head = ["run", "images", "clean accuracy", "Cohen's ACR", "its ACR", "- Cohen, 95%"]
+        named = lambda r: r[0] + ", lambda 16 throughout" * (r[0] == "MACER")
+        return table(head, [[named(r), *(r[i] for i in keep[1:])] for r in rows if r[0] != "Cohen"])
+    return table(head, rows)
 
 
 def k_ablation(all_runs):
@@ -357,11 +368,17 @@ def k_ablation(all_runs):
         s = certify.summarize(records.read_rows(r["tsv"]["clopper-pearson"]))
         acc = " / ".join(f"{s['cert_acc'][g]:.3f}" for g in (0.0, 0.25, 0.5, 0.75))
         if k == 16:
-            row = [k, s["n"], f"{s['acr']:.3f}", f"{s['acr']:.3f}", "-"]
+            row = [k, s["inputs"], f"{s['acr']:.3f}", f"{s['acr']:.3f}", "-"]
         else:
             pair = [base["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]]
             (p,) = compared(pair)["pairs"]
-            row = [k, p["n"], f"{p['acr_b']:.3f}", f"{p['acr_a']:.3f}", fmt_ci(p["diff"], p["ci"])]
+            row = [
+                k,
+                p["inputs"],
+                f"{p['acr_b']:.3f}",
+                f"{p['acr_a']:.3f}",
+                fmt_ci(p["diff"], p["ci"]),
+            ]
         rows.append(row + [acc, r["precision"], r["machine"]])
     head = ["k", "images", "ACR", "k = 16's ACR on them", "k - (k = 16), 95%"]
     head += ["certified accuracy at 0 / 0.25 / 0.5 / 0.75", "trained in", "on"]
@@ -484,7 +501,7 @@ def quick_run():
     row = [machine(ckpt["config"].get("device_name")), ckpt["config"]["precision"]]
     row += [settings["precision"], f"{ckpt['train_seconds']:.0f} s"]
     row += [f"{sum(r['time'] for r in got):.0f} s", wall.group(1) if wall else "not recorded"]
-    row += [s["n"], settings["n"], f"{s['acr']:.3f}", acc]
+    row += [s["inputs"], settings["n"], f"{s['acr']:.3f}", acc]
     head = ["machine", "trained in", "certified in", "training", "certification", "wall"]
     return table(head + ["images", "n", "ACR", "certified accuracy at 0 / 0.25 / 0.5"], [row])
 
@@ -494,7 +511,8 @@ def figures(all_runs):
     """e10/summary.png: certified accuracy against radius, one panel per sigma, one colour per
     method, one line style per training seed; e10/radius_cdf.png: the empirical CDF of the
     certified radius (0 for wrong or abstained), the same layout; e10/k_ablation.png: MACER's
-    certified accuracy at sigma 0.25 for each k, on the images that every k's file holds."""
+    certified accuracy at sigma 0.25 for each k, and e10/sigma1_remedy.png: Cohen's and the three
+    MACER runs' at sigma 1.0, each on the images that every file in it holds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -525,20 +543,35 @@ def figures(all_runs):
         fig.tight_layout()
         save(fig, os.path.join(E10, png))
     k_runs = [find(all_runs, "macer", 0.25, 0, k) for k in (1, 2, 4, 8, 16)]
-    k_rows = [records.read_rows(r["tsv"]["clopper-pearson"]) for r in k_runs]
-    common = set.intersection(*({x["idx"] for x in got} for got in k_rows))
+    colours = [plt.cm.viridis(0.85 * np.log2(r["k"]) / 4) for r in k_runs]
+    labels = [f"k = {r['k']}" for r in k_runs]
+    title = "MACER, sigma = 0.25, seed 0"
+    curves(plt, k_runs, labels, colours, title, os.path.join(E10, "k_ablation.png"))
+    s1_runs = [find(all_runs, "cohen", 1.0), find(all_runs, "macer", 1.0)]
+    s1_runs += [find(all_runs, "macer", 1.0, dynamic_lbd=True, lbd=lbd) for lbd in (16.0, 6.0)]
+    colours = ["tab:blue", "tab:red", "tab:orange", "tab:purple"]
+    labels = [label(r) for r in s1_runs]
+    labels[1] += ", lambda 16 throughout"
+    title = "sigma = 1.0, seed 0"
+    curves(plt, s1_runs, labels, colours, title, os.path.join(E10, "sigma1_remedy.png"))
+
+
+def curves(plt, chosen, labels, colours, title, png):
+    """One panel: each run's certified accuracy against radius, on the images every run holds."""
+    rows = [records.read_rows(r["tsv"]["clopper-pearson"]) for r in chosen]
+    common = set.intersection(*({x["idx"] for x in got} for got in rows))
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for r, got in zip(k_runs, k_rows, strict=True):
+    for got, name, colour in zip(rows, labels, colours, strict=True):
         got = [x for x in got if x["idx"] in common]
         grid = np.linspace(0, max(x["radius"] for x in got) + 0.05, 400)
         y = list(certify.summarize(got, grid)["cert_acc"].values())
-        ax.plot(grid, y, color=plt.cm.viridis(0.85 * np.log2(r["k"]) / 4), label=f"k = {r['k']}")
-    ax.set(title=f"MACER, sigma = 0.25, seed 0: {len(common)} test images", xlabel="radius r")
+        ax.plot(grid, y, color=colour, label=name)
+    ax.set(title=f"{title}: {len(common)} test images", xlabel="radius r")
     ax.set_ylabel("certified accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    save(fig, os.path.join(E10, "k_ablation.png"))
+    save(fig, png)
 
 
 def save(fig, png):
@@ -556,6 +589,7 @@ def all_tables():
     compared = e10_pairs(all_runs)
     return {
         "readme-e10": e10_compare(compared, short=True),
+        "readme-sigma1": sigma1_remedy(all_runs, short=True),
         "readme-speed": speed(short=True),
         "sizes": sizes(),
         "quick-run": quick_run(),
@@ -624,7 +658,7 @@ def write(check):
             )
         print("every table matches the committed files")
         return
-    print(f"wrote {len(stale)} README(s) and e10/summary.png, radius_cdf.png, k_ablation.png")
+    print(f"wrote {len(stale)} README(s) and the four figures of e10/")
 
 
 if __name__ == "__main__":
