@@ -355,6 +355,15 @@ def sigma1_remedy(all_runs, short=False):
     return table(head, rows)
 
 
+def sigma1_lambdas(all_runs):
+    """The two footnote-5 runs against each other (lambda 16 after the deferral - lambda 6)."""
+    pair = [find(all_runs, "macer", 1.0, dynamic_lbd=True, lbd=lbd) for lbd in (6.0, 16.0)]
+    (p,) = compared([r["tsv"]["clopper-pearson"] for r in pair])["pairs"]
+    head = ["images", "lambda 0 then 6", "lambda 0 then 16", "difference, 95%", "excludes 0?"]
+    row = [p["inputs"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}", fmt_ci(p["diff"], p["ci"])]
+    return table(head, [row + [excludes_zero(p["ci"])]])
+
+
 def k_ablation(all_runs):
     """MACER at sigma 0.25, seed 0, with k copies: each run's ACR and k = 16's on the same images,
     their paired difference, and each run's certified accuracy."""
@@ -601,6 +610,7 @@ def all_tables():
         "at-cap": at_cap(all_runs),
         "k-ablation": k_ablation(all_runs),
         "sigma1-remedy": sigma1_remedy(all_runs),
+        "sigma1-lambdas": sigma1_lambdas(all_runs),
         "speed": speed(),
     }, all_runs
 
