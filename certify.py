@@ -233,15 +233,16 @@ def checked_call(smooth, x, alpha, batch_size, bound="clopper-pearson", **counts
 @contextlib.contextmanager
 def explained_errors(x):
     """A RuntimeError from drawing the noise or from the base classifier, with what to do: lower
-    the batch when out of memory, check the input's dtype or shape when the network rejected it."""
+    the batch when out of memory; when the network rejected x, check its dtype and device (Smooth
+    matches them to a Module's weights, but cannot see a plain function's) or its shape."""
     try:
         yield
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0][:200]
+        first = str(e).strip().partition("\n")[0][:200]
         if out_of_memory(e) or "overflow" in str(e).lower():  # a batch too large to size
             raise MemoryError("out of memory on a batch of noisy samples: lower batch_size") from e
-        if any(w in first for w in ("dtype", "type (", "scalar type")):  # weights Smooth can't see
-            hint = f"pass x (now {x.dtype}) in the dtype of the classifier's weights"
+        if any(w in first for w in ("dtype", "type (", "scalar type", "device")):  # a function's
+            hint = f"x is {x.dtype} on {x.device}: give x the classifier's dtype and device"
             raise ValueError(f"the base classifier failed ({first}): {hint}") from e
         if any(w in str(e).lower() for w in ("shape", "size", "dimension", "expected")):
             raise ValueError(f"the base classifier failed ({first}): {shape_hint(x)}") from e

@@ -75,7 +75,9 @@ def test_smooth_rejects_bad_arguments_with_a_sentence():
         Smooth(NaNWhere(math.inf), 2, 0.5).certify(x, 10, 100, 0.001, 50)[0] == 1
     )  # no parameters at all
     f = lambda x: nn.Linear(2, 2)(x)  # a function hides its float32 weights from Smooth
-    with pytest.raises(ValueError, match="now torch.float64.*dtype of the classifier's weights"):
+    with pytest.raises(
+        ValueError, match="x is torch.float64 on cpu: give x the classifier.s dtype"
+    ):
         Smooth(f, 2, 0.5).certify(x, 10, 100, 0.001, 50)
 
 
@@ -93,6 +95,11 @@ def test_a_classifier_error_keeps_its_message_and_out_of_memory_says_lower_the_b
     with pytest.raises(RuntimeError, match="cuDNN went away") as e:
         Smooth(Raises(RuntimeError("cuDNN went away")), 2, 0.5).certify(x, 10, 100, 0.001, 50)
     assert "batch dimension" not in str(e.value)
+    with pytest.raises(RuntimeError):  # no message at all: re-raised as it is
+        Smooth(Raises(RuntimeError()), 2, 0.5).certify(x, 10, 100, 0.001, 50)
+    wrong_device = RuntimeError("Expected all tensors to be on the same device, but found cuda:0")
+    with pytest.raises(ValueError, match="give x the classifier's dtype and device"):
+        Smooth(Raises(wrong_device), 2, 0.5).certify(x, 10, 100, 0.001, 50)
     with pytest.raises(MemoryError, match="lower batch_size"):
         Smooth(Raises(torch.OutOfMemoryError("CUDA out of memory")), 2, 0.5).certify(
             x, 10, 100, 0.001, 50

@@ -323,14 +323,11 @@ def sigma1_remedy(all_runs, short=False):
     """At sigma 1.0: Cohen et al., MACER with lambda 16 throughout, and MACER with footnote 5's
     lambda = 0 until the first lr decay, then 16 or 6; each MACER run against Cohen on the images
     both hold, with clean accuracy (certified accuracy at r = 0) and the share at radius 0. short:
-    the MACER runs against Cohen only, for README.md."""
+    each MACER run against Cohen alone, on the images both hold, for README.md."""
     cohen, plain = find(all_runs, "cohen", 1.0), find(all_runs, "macer", 1.0)
-    runs = [cohen, plain]
-    runs += [find(all_runs, "macer", 1.0, dynamic_lbd=True, lbd=lbd) for lbd in (16.0, 6.0)]
-    rows = []
-    for r in runs:
-        if not (r and "clopper-pearson" in r["tsv"]):
-            continue
+    runs = [cohen, plain] + sigma1_footnote5(all_runs)
+    rows, short_rows = [], []
+    for r in (r for r in runs if r and "clopper-pearson" in r["tsv"]):
         got = records.read_rows(r["tsv"]["clopper-pearson"])
         s = certify.summarize(got)
         zero = sum(not x["correct"] or x["predict"] == -1 for x in got) / len(got)
@@ -339,27 +336,36 @@ def sigma1_remedy(all_runs, short=False):
             if r is cohen or (base is plain and r is plain):
                 against += ["-", "-"]
                 continue
-            pair = [base["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]]
-            (p,) = compared(pair)["pairs"]
+            (p,) = compared([base["tsv"]["clopper-pearson"], r["tsv"]["clopper-pearson"]])["pairs"]
             against += [f"{p['acr_a']:.3f}", fmt_ci(p["diff"], p["ci"])]
+            if base is cohen:
+                name = label(r) + ", lambda 16 throughout" * (r is plain)
+                acrs = [f"{p['acr_a']:.3f}", f"**{p['acr_b']:.3f}**"]
+                short_rows.append([name, p["inputs"], *acrs, fmt_ci(p["diff"], p["ci"])])
         rows.append([label(r), r["name"], f"{r['precision']}, {r['machine']}", s["inputs"]])
         rows[-1] += [f"{s['cert_acc'][0.0]:.3f}", f"{zero:.3f}", f"**{s['acr']:.3f}**", *against]
+    if short:
+        head = ["run", "images both hold", "Cohen's ACR on them", "the run's ACR on them"]
+        return table(head + ["run - Cohen, 95%"], short_rows)
     head = ["method", "run", "trained in, on", "images", "clean accuracy", "share at radius 0"]
     head += ["ACR", "Cohen's ACR on them", "- Cohen, 95%"]
-    head += ["lambda-16 MACER's ACR on them", "- lambda-16 MACER, 95%"]
-    if short:
-        keep = [0, 3, 4, 7, 6, 8]  # method, images, clean accuracy, Cohen's ACR, ACR, difference
-        head = ["run", "images", "clean accuracy", "Cohen's ACR", "its ACR", "- Cohen, 95%"]
-        named = lambda r: r[0] + ", lambda 16 throughout" * (r[0] == "MACER")
-        return table(head, [[named(r), *(r[i] for i in keep[1:])] for r in rows if r[0] != "Cohen"])
-    return table(head, rows)
+    return table(head + ["lambda-16 MACER's ACR on them", "- lambda-16 MACER, 95%"], rows)
+
+
+def sigma1_footnote5(all_runs):
+    """The footnote-5 runs at sigma 1.0 (lambda 0 until the first decay, then 16, then 6) that
+    have a Hard-RS results file."""
+    runs = [find(all_runs, "macer", 1.0, dynamic_lbd=True, lbd=lbd) for lbd in (16.0, 6.0)]
+    return [r for r in runs if r and "clopper-pearson" in r["tsv"]]
 
 
 def sigma1_lambdas(all_runs):
     """The two footnote-5 runs against each other (lambda 16 after the deferral - lambda 6)."""
-    pair = [find(all_runs, "macer", 1.0, dynamic_lbd=True, lbd=lbd) for lbd in (6.0, 16.0)]
-    (p,) = compared([r["tsv"]["clopper-pearson"] for r in pair])["pairs"]
+    runs = sigma1_footnote5(all_runs)
     head = ["images", "lambda 0 then 6", "lambda 0 then 16", "difference, 95%", "excludes 0?"]
+    if len(runs) < 2:
+        return table(head, [["not certified yet", "", "", "", ""]])
+    (p,) = compared([runs[1]["tsv"]["clopper-pearson"], runs[0]["tsv"]["clopper-pearson"]])["pairs"]
     row = [p["inputs"], f"{p['acr_a']:.3f}", f"{p['acr_b']:.3f}", fmt_ci(p["diff"], p["ci"])]
     return table(head, [row + [excludes_zero(p["ci"])]])
 
@@ -551,26 +557,27 @@ def figures(all_runs):
             ax.legend(fontsize=7)
         fig.tight_layout()
         save(fig, os.path.join(E10, png))
-    k_runs = [find(all_runs, "macer", 0.25, 0, k) for k in (1, 2, 4, 8, 16)]
-    colours = [plt.cm.viridis(0.85 * np.log2(r["k"]) / 4) for r in k_runs]
-    labels = [f"k = {r['k']}" for r in k_runs]
-    title = "MACER, sigma = 0.25, seed 0"
-    curves(plt, k_runs, labels, colours, title, os.path.join(E10, "k_ablation.png"))
-    s1_runs = [find(all_runs, "cohen", 1.0), find(all_runs, "macer", 1.0)]
-    s1_runs += [find(all_runs, "macer", 1.0, dynamic_lbd=True, lbd=lbd) for lbd in (16.0, 6.0)]
-    colours = ["tab:blue", "tab:red", "tab:orange", "tab:purple"]
-    labels = [label(r) for r in s1_runs]
-    labels[1] += ", lambda 16 throughout"
-    title = "sigma = 1.0, seed 0"
-    curves(plt, s1_runs, labels, colours, title, os.path.join(E10, "sigma1_remedy.png"))
+    k_curves = [
+        (find(all_runs, "macer", 0.25, 0, k), f"k = {k}", plt.cm.viridis(0.85 * np.log2(k) / 4))
+        for k in (1, 2, 4, 8, 16)
+    ]
+    curves(plt, k_curves, "MACER, sigma = 0.25, seed 0", os.path.join(E10, "k_ablation.png"))
+    s1_curves = [(find(all_runs, "cohen", 1.0), "Cohen", "tab:blue")]
+    s1_curves += [(find(all_runs, "macer", 1.0), "MACER, lambda 16 throughout", "tab:red")]
+    for lbd, colour in ((16.0, "tab:orange"), (6.0, "tab:purple")):
+        r = find(all_runs, "macer", 1.0, dynamic_lbd=True, lbd=lbd)
+        s1_curves.append((r, f"MACER, lambda 0 then {lbd:g} (footnote 5)", colour))
+    curves(plt, s1_curves, "sigma = 1.0, seed 0", os.path.join(E10, "sigma1_remedy.png"))
 
 
-def curves(plt, chosen, labels, colours, title, png):
-    """One panel: each run's certified accuracy against radius, on the images every run holds."""
-    rows = [records.read_rows(r["tsv"]["clopper-pearson"]) for r in chosen]
+def curves(plt, chosen, title, png):
+    """One panel: the certified accuracy against radius of each (run, label, colour) in chosen
+    whose Hard-RS file exists, on the images all of those files hold."""
+    chosen = [(r, name, c) for r, name, c in chosen if r and "clopper-pearson" in r["tsv"]]
+    rows = [records.read_rows(r["tsv"]["clopper-pearson"]) for r, _, _ in chosen]
     common = set.intersection(*({x["idx"] for x in got} for got in rows))
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for got, name, colour in zip(rows, labels, colours, strict=True):
+    for got, (_, name, colour) in zip(rows, chosen, strict=True):
         got = [x for x in got if x["idx"] in common]
         grid = np.linspace(0, max(x["radius"] for x in got) + 0.05, 400)
         y = list(certify.summarize(got, grid)["cert_acc"].values())
