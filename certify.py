@@ -357,12 +357,13 @@ def check_args(a):
             raise ValueError(message)
     if a.out is None and a.checkpoint is not None:  # the default: beside the checkpoint
         a.out = os.path.splitext(a.checkpoint)[0] + f"_{a.bound}_n{a.n}.tsv"
-    if not math.isfinite(largest_radius(1.0, a.n, a.alpha, a.bound) or 0.0):
+    cap = largest_radius(1.0, a.n, a.alpha, a.bound)
+    if cap is not None and not math.isfinite(cap):
         raise ValueError(
             f"at --n {a.n} and --alpha {a.alpha}, p_A_low rounds to 1 and the radius to infinity; "
             "lower --alpha or --n"
         )
-    if largest_radius(1.0, a.n, a.alpha, a.bound) is None:
+    if cap is None:
         raise ValueError(
             f"no input can be certified with --n {a.n} and --alpha {a.alpha} ({a.bound}): even if "
             "every sample agreed, the bound would stay at or below 1/2; raise --n or --alpha"
@@ -416,9 +417,7 @@ def run(a):
         saved = saved if records.has_rows(out) else {}  # a record without rows binds nothing
         work = len(indices) * (a.n0 + a.n) / batch  # in batches; a resumed file goes on as it began
         args = (a, saved.get("precision"), work, model, device, (batch, *facts.shape), False)
-        precision = models.from_rank0(
-            models.pick_precision(*args)
-        )  # every process certifies in rank 0's
+        precision = models.from_rank0(models.pick_precision(*args))  # every process: rank 0's
         model = model.to(device).eval()
         model = models.fast_path(torch.compile(model) if a.compile else model, precision)
         smooth = Smooth(model, facts.classes, sigma, beta, device=device)

@@ -51,20 +51,11 @@ def read_settings(tsv_path, strict=True):
     """The settings record beside a results file, or None; if unreadable, ValueError (None if not
     strict). A FIFO or a folder there is unreadable: opened without blocking, never read."""
     path = settings_path(tsv_path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
+    if not os.path.exists(path):
         return None
-    except OSError:
-        fd = None
-    if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        fd = None
     saved = None
-    if fd is not None:
-        quiet = contextlib.suppress(OSError, ValueError, RecursionError)  # nested 10^5 deep
-        with os.fdopen(fd, encoding="utf-8") as f, quiet:
-            saved = json.load(f)  # a UnicodeDecodeError is a ValueError
+    with contextlib.suppress(ValueError, RecursionError):  # unreadable, not JSON, nested 10^5 deep
+        saved = json.loads(data.read_regular(path, "settings record"))  # a FIFO is never read
     if isinstance(saved, dict) or not strict:
         return saved if isinstance(saved, dict) else None
     raise ValueError(
@@ -194,27 +185,27 @@ def _continue(f, path, settings, indices, check, overwrite, log):
         )
     saved = read_settings(path, strict=not overwrite)
     differ = lambda keys: [k for k in keys if saved.get(k) != settings[k]]
+    body = "".join(text.splitlines()[1:])  # the rows, whatever their line ends
     why = None
-    if "".join(text.splitlines()[1:]) and saved is None:
+    if body and saved is None:
         why = (
             f"it has rows but no settings record ({settings_path(path)}): another tool's file, "
             "or one whose record was lost (--overwrite would empty it)"
         )
-    elif "".join(text.splitlines()[1:]) and differ(MEANING):
+    elif body and differ(MEANING):
         why = f"its rows were made with other settings ({', '.join(differ(MEANING))})"
     lines = text.splitlines(keepends=True)
     last = lines[-1] if lines and lines[-1][-1] not in "\r\n" else ""  # a line without its end
     fields = last.split("\t")
-    if why is not None:
-        pass  # only a file whose record says it is this run's own is repaired
-    elif len(fields) == 6 and fields[5].strip():  # a whole row whose newline an editor dropped
-        append_line(f.fileno(), "\n")
+    # Only a file whose record says it is this run's own is repaired.
+    if why is None and len(fields) == 6 and fields[5].strip():
+        append_line(f.fileno(), "\n")  # a whole row whose newline an editor dropped
         text += "\n"
-    elif last:  # a kill inside a write: the last line is cut short
+    elif why is None and last:  # a kill inside a write: the last line is cut short
         text = text[: -len(last)]
         f.truncate(len(text.encode()))
         log(f"warning: dropped the cut-off last row of {path}; its input will be certified again")
-    body = "".join(text.splitlines()[1:])  # the rows, whatever their line ends
+        body = "".join(text.splitlines()[1:])
     rows = parse_rows(text, path, check) if body and why is None else []
     todo = [i for i in indices if i not in {r["idx"] for r in rows}]
     if why is None and todo and rows and differ(DRAW):
@@ -334,9 +325,8 @@ def certify_into(out, smooth, dataset, indices, settings, overwrite, rank=0, wor
             f, _, todo = open_results(out, settings, indices, check, overwrite, log)
         except ValueError as e:
             todo = str(e)
-    todo = models.from_rank0(
-        todo
-    )  # rank 0's verdict (the inputs to do, or why not) binds every process
+    # Rank 0's verdict (the inputs to do, or why not) binds every process.
+    todo = models.from_rank0(todo)
     if isinstance(todo, str):
         raise ValueError(todo)
     fd = f.fileno() if f is not None else os.open(out, os.O_WRONLY | os.O_APPEND)
