@@ -378,10 +378,17 @@ def plot_curve(tsv, title, png_path):
     ax.plot(grid, list(certify.summarize(rows, grid)["cert_acc"].values()))
     ax.set(title=title, xlabel="radius r (l2, pixel space)", ylabel="certified accuracy")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     check_png(png_path)
-    save = lambda f: fig.savefig(f, dpi=120, format="png", metadata={"Software": PNG_MARK.decode()})
-    data.atomic_write(png_path, save)
+    save_png(fig, png_path, dpi=120, metadata={"Software": PNG_MARK.decode()})
+
+
+def save_png(fig, png_path, dpi=110, metadata=None):
+    """fig as a PNG, written atomically (a symlink there is replaced, never written through), then
+    closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    data.atomic_write(png_path, lambda f: fig.savefig(f, dpi=dpi, format="png", metadata=metadata))
     plt.close(fig)
 
 

@@ -1739,12 +1739,14 @@ def test_every_readme_table_is_what_the_committed_files_give():
     )
 
 
-# ================================================================ the worked example (toy.py)
+# ========================================================== the worked example (results/toy.py)
 def test_the_toy_grid_sum_is_the_smoothed_probability_and_its_run_certifies():
     """toy.smoothed_probability, which draws g's regions, against the closed form of a half-plane
     f = 1[x_1 > 0.3]: p_1 = Phi((x_1 - 0.3) / sigma), within the grid sum's error at a straight
     edge, half a grid step times the largest density, h / (2 sigma sqrt(2 pi)). And a short run of
-    the toy's training and certification (as toy.py draws them) certifies its test points."""
+    the toy's training and certification (as results/toy.py draws them) certifies its test points.
+    """
+    sys.path.insert(0, os.path.join(HERE, "results"))
     import toy
 
     half_plane = nn.Linear(2, 2)

@@ -467,7 +467,7 @@ def sizes():
         return b - a
 
     files = ["macer.py", "train.py", "certify.py", "records.py", "data.py", "models.py", "bench.py"]
-    files += ["toy.py"] * os.path.exists(os.path.join(ROOT, "toy.py"))
+    files += ["results/tables.py", "results/toy.py"]
     code = {name: len(lines(name)) - 1 for name in files}
     helpers = "# ---------------------------------------------------------------- "
     path = {
@@ -481,14 +481,16 @@ def sizes():
 
 
 def toy():
-    """The worked example's figures: results/toy.json, written by toy.py beside toy.png."""
+    """The worked example's figures: results/toy.json, written by results/toy.py beside toy.png."""
     with open(os.path.join(HERE, "toy.json")) as f:
         facts = json.load(f)
     rows = []
     for name, m in facts["methods"].items():
         accuracies = [m[f"certified_accuracy_{r}"] for r in ("0", "025", "05")]
         if not (all(0 <= v <= 1 for v in accuracies) and 0 <= m["acr"] < math.inf):
-            sys.exit(f"error: results/toy.json holds figures that toy.py cannot make ({name})")
+            sys.exit(
+                f"error: results/toy.json holds figures that results/toy.py cannot make ({name})"
+            )
         rows.append([name, m["k"], m["lbd"], *[f"{v:.3f}" for v in accuracies]])
         rows[-1] += [f"**{m['acr']:.3f}**"]
     head = ["two moons, sigma 0.25", "k", "lambda", "certified accuracy at r = 0", "0.25", "0.5"]
@@ -556,7 +558,7 @@ def figures(all_runs):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        save(fig, os.path.join(E10, png))
+        records.save_png(fig, os.path.join(E10, png))
     k_curves = [
         (find(all_runs, "macer", 0.25, 0, k), f"k = {k}", plt.cm.viridis(0.85 * np.log2(k) / 4))
         for k in (1, 2, 4, 8, 16)
@@ -587,16 +589,7 @@ def curves(plt, chosen, title, png):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    save(fig, png)
-
-
-def save(fig, png):
-    """fig as png, written atomically (a symlink there is replaced, never written through)."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    data.atomic_write(png, lambda f: fig.savefig(f, dpi=110, format="png"))
-    plt.close(fig)
+    records.save_png(fig, png)
 
 
 # ---------------------------------------------------------------- the READMEs

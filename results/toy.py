@@ -7,12 +7,13 @@ smoothed classifier's regions and every correctly certified test point's radius 
 inside it, g cannot change its prediction. knobs.png: what gamma and beta do. noise.png: one
 Fashion-MNIST test image under the noise of each sigma.
 
-    python toy.py    # seconds to a minute, by the load: results/toy.png, knobs.png, noise.png
+    python results/toy.py    # seconds to a minute, by the load: toy.png, knobs.png, noise.png
 """
 
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -20,9 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import norm
 
-import data
-from certify import Smooth
-from train import train_one_epoch
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import data  # noqa: E402
+from certify import Smooth  # noqa: E402
+from records import save_png  # noqa: E402
+from train import train_one_epoch  # noqa: E402
 
 SIGMA = 0.25  # the noise, in the data's units
 METHODS = {  # k, lambda (gamma = 8, beta = 16 for both; unused by Cohen's lambda = 0)
@@ -119,7 +124,7 @@ def draw_toy(plt, png):
         f"Two moons, sigma = {SIGMA}: g's regions and boundary, the certified radii of "
         f"{len(y_test)} test points (x: wrong or abstained)"
     )
-    save(plt, fig, png)
+    save_png(fig, png)
     facts = dict(sigma=SIGMA, test_points=len(y_test), **CERT, methods=figures)
     data.atomic_write(os.path.splitext(png)[0] + ".json", json.dumps(facts, indent=1))
 
@@ -150,7 +155,7 @@ def draw_knobs(plt, png, gamma=8.0, n=100_000, alpha=0.001):
     ax2.axvline(16, color="gray", lw=0.8)
     ax2.set(xlabel="beta (MACER: 16)", ylabel="probability of class A", title="beta: soft to hard")
     ax2.legend(fontsize=7, ncol=2)
-    save(plt, fig, png)
+    save_png(fig, png)
 
 
 def draw_noise(plt, png, index=0):
@@ -163,14 +168,7 @@ def draw_noise(plt, png, index=0):
         noisy = x + sigma * torch.randn(x.shape, generator=g)
         ax.imshow(noisy[0].clamp(0, 1), cmap="gray", vmin=0, vmax=1)
         ax.set(title=f"sigma = {sigma:g}", xticks=[], yticks=[])
-    save(plt, fig, png)
-
-
-def save(plt, fig, png):
-    fig.tight_layout()
-    data.atomic_write(png, lambda f: fig.savefig(f, dpi=110, format="png"))
-    plt.close(fig)
-    print(f"wrote {png}")
+    save_png(fig, png)
 
 
 def main():
@@ -179,12 +177,11 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     t0 = time.time()
-    draw_toy(plt, os.path.join(here, "toy.png"))
-    draw_knobs(plt, os.path.join(here, "knobs.png"))
-    draw_noise(plt, os.path.join(here, "noise.png"))
-    print(f"{time.time() - t0:.0f} s")
+    draw_toy(plt, os.path.join(HERE, "toy.png"))
+    draw_knobs(plt, os.path.join(HERE, "knobs.png"))
+    draw_noise(plt, os.path.join(HERE, "noise.png"))
+    print(f"wrote results/toy.png, toy.json, knobs.png, noise.png in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
