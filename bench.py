@@ -45,21 +45,8 @@ import records
 import train
 from macer import macer_loss, noisy_copies
 
-ROWS = (
-    "1",
-    "2",
-    "3b",
-    "3d",
-    "3e",
-    "5a",
-    "5b",
-    "6a",
-    "6b",
-    "7a",
-    "7b",
-    "7c",
-    "7d",
-)  # results/tables.py shows only these
+# results/tables.py shows only these rows
+ROWS = ("1", "2", "3b", "3d", "3e", "5a", "5b", "6a", "6b", "7a", "7b", "7c", "7d")
 SIGMA, N, K = 0.25, 64, 16  # noise level; inputs per step; Gaussian copies per input
 RECIPE = train.recipe("fashion-mnist", SIGMA, "macer")  # its loss settings and SGD, as train.py's
 LBD, GAMMA, BETA = RECIPE.lbd, RECIPE.gamma, RECIPE.beta
